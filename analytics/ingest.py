@@ -1,0 +1,280 @@
+"""Ingest gateway log events: at least once in, exactly once counted.
+
+Raw events are inserted with `ON CONFLICT (event_id) DO NOTHING RETURNING event_id`; only the
+events that insert accepted feed the rollups, in the same transaction. A batch delivered twice
+(a worker killed after commit, before it removed the file or acknowledged the stream entry)
+therefore changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from analytics.models import MinuteRollup, RequestEvent
+from portal.models import ApiKey
+
+log = logging.getLogger("analytics.ingest")
+
+_RAW_COLUMNS = (
+    "event_id",
+    "time",
+    "api_id",
+    "route_id",
+    "consumer_id",
+    "key_id",
+    "organization_id",
+    "method",
+    "route_path",
+    "status",
+    "latency_ms",
+    "upstream_latency_ms",
+    "bytes_in",
+    "bytes_out",
+    "error_kind",
+)
+_CHUNK = 500  # rows per INSERT: 500 x 15 parameters stays under SQLite's variable limit
+
+
+@dataclass
+class Event:
+    event_id: str
+    time: datetime
+    api_id: int | None
+    route_id: int | None
+    consumer_id: int | None
+    key_id: int | None
+    organization_id: int | None
+    method: str
+    route_path: str
+    status: int
+    latency_ms: float
+    upstream_latency_ms: float | None
+    bytes_in: int
+    bytes_out: int
+    error_kind: str
+
+
+def _opt_int(v) -> int | None:
+    return None if v is None else int(v)
+
+
+def parse_event(raw: dict) -> Event:
+    """An event from the gateway's JSON form; raises (KeyError, ValueError, TypeError)."""
+    return Event(
+        event_id=str(raw["id"])[:64],
+        time=datetime.fromtimestamp(float(raw["t"]), UTC),
+        api_id=_opt_int(raw.get("api")),
+        route_id=_opt_int(raw.get("route")),
+        consumer_id=_opt_int(raw.get("consumer")),
+        key_id=_opt_int(raw.get("key")),
+        organization_id=_opt_int(raw.get("org")),
+        method=str(raw.get("method", ""))[:16],
+        route_path=str(raw.get("route_path") or "")[:200],
+        status=int(raw["status"]),
+        latency_ms=float(raw.get("ms") or 0.0),
+        upstream_latency_ms=None if raw.get("up_ms") is None else float(raw["up_ms"]),
+        bytes_in=int(raw.get("in") or 0),
+        bytes_out=int(raw.get("out") or 0),
+        error_kind=str(raw.get("err") or "")[:32],
+    )
+
+
+def ingest_batch(raw_events: list[dict]) -> int:
+    """Store a batch of events and update rollups; return how many were new."""
+    events: dict[str, Event] = {}
+    for raw in raw_events:
+        try:
+            e = parse_event(raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("skipping malformed event: %s", exc)
+            continue
+        events.setdefault(e.event_id, e)
+    if not events:
+        return 0
+    ops = connection.ops
+    with transaction.atomic():
+        new_ids: set[str] = set()
+        items = list(events.values())
+        for i in range(0, len(items), _CHUNK):
+            new_ids |= _insert_raw(items[i : i + _CHUNK], ops)
+        fresh = [events[i] for i in new_ids]
+        _upsert_rollups(fresh, ops)
+        _touch_keys(fresh)
+    return len(fresh)
+
+
+def _insert_raw(chunk: list[Event], ops) -> set[str]:
+    table = RequestEvent._meta.db_table
+    row = "(" + ",".join(["%s"] * len(_RAW_COLUMNS)) + ")"
+    params: list[object] = []
+    for e in chunk:
+        params += [
+            e.event_id,
+            ops.adapt_datetimefield_value(e.time),
+            e.api_id,
+            e.route_id,
+            e.consumer_id,
+            e.key_id,
+            e.organization_id,
+            e.method,
+            e.route_path,
+            e.status,
+            e.latency_ms,
+            e.upstream_latency_ms,
+            e.bytes_in,
+            e.bytes_out,
+            e.error_kind,
+        ]
+    sql = (
+        f"INSERT INTO {table} ({','.join(_RAW_COLUMNS)}) VALUES {','.join([row] * len(chunk))} "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    )
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        return {r[0] for r in cur.fetchall()}
+
+
+def _upsert_rollups(events: list[Event], ops) -> None:
+    if not events:
+        return
+    acc: dict[tuple, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
+    for e in events:
+        bucket = e.time.replace(second=0, microsecond=0)
+        a = acc[(bucket, e.api_id or 0, e.key_id or 0, max(1, min(5, e.status // 100)))]
+        a[0] += 1
+        a[1] += e.bytes_in
+        a[2] += e.bytes_out
+        a[3] += e.latency_ms
+        a[4] = max(a[4], e.latency_ms)
+    table = MinuteRollup._meta.db_table
+    greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+    # Sorted so that concurrent ingesters lock rollup rows in the same order (no deadlock).
+    keys = sorted(acc)
+    for i in range(0, len(keys), _CHUNK):
+        part = keys[i : i + _CHUNK]
+        params: list[object] = []
+        for k in part:
+            a = acc[k]
+            params += [ops.adapt_datetimefield_value(k[0]), k[1], k[2], k[3], *a]
+        values = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(part))
+        sql = (
+            f"INSERT INTO {table} (bucket, api_id, key_id, status_class, count, bytes_in, "
+            f"bytes_out, latency_ms_sum, latency_ms_max) VALUES {values} "
+            "ON CONFLICT (bucket, api_id, key_id, status_class) DO UPDATE SET "
+            f"count = {table}.count + excluded.count, "
+            f"bytes_in = {table}.bytes_in + excluded.bytes_in, "
+            f"bytes_out = {table}.bytes_out + excluded.bytes_out, "
+            f"latency_ms_sum = {table}.latency_ms_sum + excluded.latency_ms_sum, "
+            f"latency_ms_max = {greatest}({table}.latency_ms_max, excluded.latency_ms_max)"
+        )
+        with connection.cursor() as cur:
+            cur.execute(sql, params)
+
+
+def _touch_keys(events: list[Event]) -> None:
+    """Set ApiKey.last_used_at from the log, never by a write per request."""
+    last: dict[int, datetime] = {}
+    for e in events:
+        if e.key_id is not None and (e.key_id not in last or e.time > last[e.key_id]):
+            last[e.key_id] = e.time
+    for key_id, t in sorted(last.items()):
+        ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=t).update(last_used_at=t)
+
+
+# --- sources ------------------------------------------------------------------------------
+def ingest_spool(directory: str | Path, *, max_files: int = 200) -> int:
+    """Ingest spool files oldest first; each file is removed only after its commit."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    total = 0
+    for path in sorted(directory.glob("[0-9]*.jsonl"))[:max_files]:
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:
+            continue  # another ingester finished it
+        batch = []
+        for line in lines:
+            try:
+                batch.append(json.loads(line))
+            except ValueError:
+                log.warning("skipping unreadable line in %s", path.name)
+        total += ingest_batch(batch)
+        path.unlink(missing_ok=True)
+    return total
+
+
+def ingest_stream(
+    client,
+    stream: str,
+    *,
+    group: str = "ingest",
+    count: int = 1000,
+    max_batches: int = 50,
+    claim_idle_ms: int = 60_000,
+) -> int:
+    """Ingest from a Redis stream with a consumer group; acknowledge after commit."""
+    import redis
+
+    consumer = f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    total = 0
+    # Entries delivered to a consumer that died before acknowledging are taken over.
+    _, claimed, *_ = client.xautoclaim(stream, group, consumer, claim_idle_ms, "0-0", count=count)
+    if claimed:
+        total += _ingest_entries(client, stream, group, claimed)
+    for _ in range(max_batches):
+        resp = client.xreadgroup(group, consumer, {stream: ">"}, count=count)
+        if not resp:
+            break
+        entries = resp[0][1]
+        if not entries:
+            break
+        total += _ingest_entries(client, stream, group, entries)
+    return total
+
+
+def _ingest_entries(client, stream: str, group: str, entries) -> int:
+    batch, ids = [], []
+    for entry_id, fields in entries:
+        ids.append(entry_id)
+        if not fields:
+            continue
+        raw = fields.get(b"e") or fields.get("e")
+        try:
+            batch.append(json.loads(raw))
+        except (TypeError, ValueError):
+            log.warning("skipping unreadable stream entry %s", entry_id)
+    n = ingest_batch(batch)
+    pipe = client.pipeline(transaction=False)
+    pipe.xack(stream, group, *ids)
+    pipe.xdel(stream, *ids)
+    pipe.execute()
+    return n
+
+
+def ingest_pending() -> int:
+    """Ingest whatever the gateways have shipped, from the stream or the spool."""
+    if settings.REDIS_URL:
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        try:
+            return ingest_stream(client, settings.GATEWAY["LOG_STREAM"])
+        finally:
+            client.close()
+    return ingest_spool(settings.GATEWAY["LOG_SPOOL_DIR"])

@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from celery import shared_task
+
+from analytics.ingest import ingest_pending
+
+
+@shared_task(ignore_result=True)
+def ingest_events() -> int:
+    """Ingest shipped gateway log events into raw events and rollups."""
+    return ingest_pending()

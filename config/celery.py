@@ -1,0 +1,23 @@
+"""The Celery app. Periodic tasks are all declared here."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+app = Celery("apigw")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+app.conf.beat_schedule = {
+    # Short interval: the portal's charts should show a request within a few seconds.
+    "ingest-gateway-events": {
+        "task": "analytics.tasks.ingest_events",
+        "schedule": 2.0,
+        # A stopped worker must not come back to a pile of stale ticks.
+        "options": {"expires": 10},
+    },
+}

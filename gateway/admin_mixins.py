@@ -1,0 +1,33 @@
+"""Admin plumbing: every admin write to something the gateway serves bumps the config version."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db import transaction
+
+from gateway.config import config_bump
+
+
+class ConfigChangeAdmin(admin.ModelAdmin):
+    """Saves and deletes run in the admin's transaction, together with a config bump."""
+
+    def save_model(self, request, obj, form, change) -> None:
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            verb = "changed" if change else "added"
+            config_bump(actor=request.user, reason=f"{obj._meta.verbose_name} {obj} {verb}")
+
+    def delete_model(self, request, obj) -> None:
+        with transaction.atomic():
+            label = f"{obj._meta.verbose_name} {obj} deleted"
+            super().delete_model(request, obj)
+            config_bump(actor=request.user, reason=label)
+
+    def delete_queryset(self, request, queryset) -> None:
+        with transaction.atomic():
+            n = queryset.count()
+            super().delete_queryset(request, queryset)
+            config_bump(
+                actor=request.user,
+                reason=f"{n} {queryset.model._meta.verbose_name_plural} deleted",
+            )

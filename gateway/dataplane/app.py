@@ -1,0 +1,354 @@
+"""The data plane: a plain ASGI application (no Django request/response per call).
+
+Django is used only off the hot path, in one worker thread: to read the config version, build
+snapshots and persist embedded quota counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from email.utils import formatdate
+
+import aiohttp
+
+from gateway.dataplane.context import LocalResponse, RequestContext
+from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter
+from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
+from gateway.dataplane.problems import problem
+from gateway.dataplane.router import MethodNotAllowed, normalize_path
+from gateway.dataplane.settings import GatewaySettings, load_settings
+from gateway.dataplane.snapshot import (
+    KeyEntry,
+    RouteEntry,
+    Snapshot,
+    compile_snapshot,
+    load_config,
+)
+from gateway.dataplane.stages.authenticate import AuthenticateStage
+from gateway.dataplane.stages.authorize import AuthorizeStage
+from gateway.dataplane.stages.limit import LimitStage
+from gateway.dataplane.stages.log import LogStage
+from gateway.dataplane.stages.proxy import ProxyHandler
+
+log = logging.getLogger("gateway")
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The IMF-fixdate of now, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+class GatewayApp:
+    def __init__(self, settings: GatewaySettings | None = None) -> None:
+        self.settings = settings
+        self.snapshot: Snapshot | None = None
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-db")
+        self._tasks: list[asyncio.Task] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._redis = None
+        self.limiter: Limiter | None = None
+        self.buffer: EventBuffer | None = None
+        self.shipper: LogShipper | None = None
+        self.log_stage: LogStage | None = None
+        self._config_changed = asyncio.Event()
+
+    # --- ASGI entry ---------------------------------------------------------------------
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle_http(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def lifespan(self, receive, send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("gateway start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- start and stop -----------------------------------------------------------------
+    async def startup(self) -> None:
+        s = self.settings = self.settings or load_settings()
+        connector = aiohttp.TCPConnector(
+            limit=s.upstream_pool_size, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=60
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never share cookies between consumers
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self.buffer = EventBuffer(capacity=s.log_buffer_size, batch_size=s.log_batch_size)
+        self.log_stage = LogStage(buffer=self.buffer)
+        if s.redis_url:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(
+                s.redis_url,
+                socket_timeout=s.redis_timeout,
+                socket_connect_timeout=s.redis_timeout,
+                health_check_interval=30,
+            )
+            self.limiter = RedisLimiter(self._redis)
+            sink = RedisStreamSink(self._redis, s.log_stream)
+        else:
+            self.limiter = MemoryLimiter()
+            await self._run_db(self._load_counters)
+            sink = SpoolSink(s.log_spool_dir)
+        self.shipper = LogShipper(self.buffer, sink, interval=s.log_flush_interval)
+        await self.refresh_snapshot()
+        self._tasks = [
+            asyncio.create_task(self.shipper.run(), name="log-shipper"),
+            asyncio.create_task(self._watch_config(), name="config-watch"),
+        ]
+        if isinstance(self.limiter, MemoryLimiter):
+            self._tasks.append(asyncio.create_task(self._persist_counters(), name="counters"))
+        if self._redis is not None:
+            self._tasks.append(asyncio.create_task(self._listen_config(), name="config-listen"))
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.shipper:
+            await self.shipper.drain()
+        if isinstance(self.limiter, MemoryLimiter):
+            await self._run_db(self._save_counters)
+        if self._session:
+            await self._session.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._db.shutdown(wait=True)
+
+    # --- configuration --------------------------------------------------------------------
+    async def _run_db(self, fn, *args):
+        def call():
+            from django.db import close_old_connections
+
+            close_old_connections()
+            return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._db, call)
+
+    async def refresh_snapshot(self) -> bool:
+        """Rebuild the snapshot if the config version moved; True if it was swapped."""
+        from gateway.config import config_current_version
+
+        version = await self._run_db(config_current_version)
+        if self.snapshot is not None and version == self.snapshot.version:
+            return False
+        apis, keys = await self._run_db(load_config, version)
+        snapshot = compile_snapshot(version, apis, keys, self._compile_route)
+        self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
+        log.info(
+            "config v%s: %d routes, %d keys, built in %.1f ms",
+            version,
+            len(snapshot.router),
+            len(keys),
+            snapshot.build_seconds * 1000,
+        )
+        return True
+
+    def _compile_route(self, route: RouteEntry, keys: dict[str, KeyEntry]) -> None:
+        s = self.settings
+        assert s is not None and self.limiter is not None
+        route.stages = [
+            AuthenticateStage(
+                key_header=route.key_header,
+                header_label=route.key_header_label,
+                keys=keys,
+                secret=s.key_hmac_secret,
+            ),
+            AuthorizeStage(api_id=route.api_id, api_slug=route.api_slug),
+            LimitStage(limiter=self.limiter),
+        ]
+        route.handler = ProxyHandler(
+            session_getter=self._get_session, strip_headers=frozenset({route.key_header})
+        )
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    async def _watch_config(self) -> None:
+        interval = self.settings.config_poll_interval
+        last_warning = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._config_changed.wait(), interval)
+            self._config_changed.clear()
+            try:
+                await self.refresh_snapshot()
+            except Exception as exc:  # keep serving the last snapshot
+                mono = time.monotonic()
+                if mono - last_warning > 10:
+                    last_warning = mono
+                    log.warning("config refresh failed, serving the last snapshot: %s", exc)
+
+    async def _listen_config(self) -> None:
+        """With Redis, config bumps arrive by pub/sub: workers converge in milliseconds."""
+        from gateway.config import CONFIG_CHANNEL
+
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(CONFIG_CHANNEL)
+                self._config_changed.set()  # catch up on anything missed while away
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
+                    if msg is not None:
+                        self._config_changed.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: polling still converges; retry later
+                log.debug("config subscription lost: %s", exc)
+                await asyncio.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    # --- embedded quota counters ------------------------------------------------------------
+    def _load_counters(self) -> None:
+        from portal.models import QuotaCounter
+
+        since = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        rows = QuotaCounter.objects.filter(period_start__gte=since).values_list(
+            "subscription_id", "period_start", "used"
+        )
+        assert isinstance(self.limiter, MemoryLimiter)
+        self.limiter.load([(f"sub:{s}", p.timestamp(), u) for s, p, u in rows])
+
+    def _save_counters(self) -> None:
+        from portal.models import QuotaCounter, Subscription
+
+        assert isinstance(self.limiter, MemoryLimiter)
+        dirty = self.limiter.take_dirty()
+        if not dirty:
+            return
+        sub_ids = {int(subject.split(":")[1]) for subject, _, _ in dirty}
+        existing = set(Subscription.objects.filter(pk__in=sub_ids).values_list("pk", flat=True))
+        rows = [
+            QuotaCounter(
+                subscription_id=int(subject.split(":")[1]),
+                period_start=datetime.fromtimestamp(start, UTC),
+                used=used,
+            )
+            for subject, start, used in dirty
+            if int(subject.split(":")[1]) in existing
+        ]
+        QuotaCounter.objects.bulk_create(
+            rows,
+            update_conflicts=True,
+            unique_fields=["subscription", "period_start"],
+            update_fields=["used", "updated_at"],
+        )
+
+    async def _persist_counters(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.counter_flush_interval)
+            try:
+                await self._run_db(self._save_counters)
+            except Exception:
+                log.exception("could not persist quota counters")
+
+    # --- the hot path -----------------------------------------------------------------------
+    async def handle_http(self, scope, receive, send) -> None:
+        client = scope.get("client")
+        ctx = RequestContext(
+            scope=scope,
+            receive=receive,
+            send=send,
+            request_id=uuid.uuid4().hex,
+            method=scope["method"],
+            path=scope["path"],
+            client_ip=client[0] if client else "",
+        )
+        try:
+            response = await self._dispatch(ctx)
+            if response is not None:
+                await self._send_local(ctx, response)
+        except Exception:
+            ctx.error_kind = ctx.error_kind or "internal"
+            if ctx.response_started:
+                log.warning("request %s aborted after the response started", ctx.request_id)
+            else:
+                log.exception("request %s failed", ctx.request_id)
+                await self._send_local(
+                    ctx, problem("internal", "Unexpected error.", request_id=ctx.request_id)
+                )
+        finally:
+            if ctx.status == 0:
+                ctx.status = 499  # client went away before any answer
+            route = ctx.route
+            if route is not None:
+                for stage in route.stages:
+                    stage.on_complete(ctx)
+            if self.log_stage is not None:
+                self.log_stage.on_complete(ctx)
+
+    async def _dispatch(self, ctx: RequestContext) -> LocalResponse | None:
+        snapshot = self.snapshot
+        if snapshot is None:
+            return problem("not-ready", "No configuration loaded yet.", request_id=ctx.request_id)
+        path = normalize_path(ctx.path)
+        if path is None:
+            return problem("bad-request", "Malformed request path.", request_id=ctx.request_id)
+        ctx.path = path
+        matched = snapshot.router.match(ctx.method, path)
+        if matched is None:
+            return problem("not-found", f"No API is served at {path}.", request_id=ctx.request_id)
+        if isinstance(matched, MethodNotAllowed):
+            return problem(
+                "method-not-allowed",
+                f"{ctx.method} is not allowed here.",
+                request_id=ctx.request_id,
+                headers=[(b"allow", ", ".join(sorted(matched.allowed)).encode())],
+            )
+        ctx.route = matched
+        for stage in matched.stages:
+            response = await stage.on_request(ctx)
+            if response is not None:
+                return response
+        return await matched.handler.handle(ctx)
+
+    async def _send_local(self, ctx: RequestContext, response: LocalResponse) -> None:
+        headers = [
+            *response.headers,
+            (b"content-length", str(len(response.body)).encode()),
+            (b"date", http_date()),
+            (b"x-request-id", ctx.request_id.encode()),
+        ]
+        if response.status != 429:  # a 429 carries its own limit headers
+            headers.extend(ctx.response_headers)
+        ctx.status = response.status
+        ctx.response_started = True
+        ctx.bytes_out += len(response.body)
+        await ctx.send(
+            {"type": "http.response.start", "status": response.status, "headers": headers}
+        )
+        await ctx.send({"type": "http.response.body", "body": response.body})

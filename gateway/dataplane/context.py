@@ -1,0 +1,51 @@
+"""Per-request state shared by the pipeline stages, and the local (gateway-made) response."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.dataplane.snapshot import KeyEntry, RouteEntry
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class LocalResponse:
+    """A response the gateway makes itself (errors, preflights); it ends the pipeline."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(slots=True)
+class RequestContext:
+    scope: dict[str, Any]
+    receive: Any
+    send: Any
+    request_id: str
+    method: str
+    path: str  # normalised, percent-decoded
+    client_ip: str
+    started: float = field(default_factory=time.perf_counter)
+    wall_time: float = field(default_factory=time.time)
+    route: RouteEntry | None = None
+    key: KeyEntry | None = None
+    # Headers that stages add to whatever response leaves (rate-limit headers, …).
+    response_headers: Headers = field(default_factory=list)
+    status: int = 0
+    response_started: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_latency: float | None = None
+    error_kind: str = ""
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of request header `name` (lower-case bytes), or None."""
+        for k, v in self.scope["headers"]:
+            if k == name:
+                return v
+        return None

@@ -1,0 +1,27 @@
+"""gunicorn settings for the data plane (`gunicorn -c gateway/dataplane/gunicorn_conf.py`)."""
+
+import multiprocessing
+import os
+import sys
+
+wsgi_app = "gateway.dataplane.asgi:app"
+worker_class = "gateway.dataplane.worker.GatewayWorker"
+bind = [os.environ.get("GATEWAY_BIND", "127.0.0.1:8080")]
+
+_redis = os.environ.get("REDIS_URL", "")
+_raw_workers = os.environ.get("GATEWAY_WORKERS", "")
+try:
+    workers = int(_raw_workers) if _raw_workers else (multiprocessing.cpu_count() if _redis else 1)
+except ValueError:
+    sys.exit(f"GATEWAY_WORKERS must be an integer, got {_raw_workers!r}")
+if workers < 1:
+    sys.exit("GATEWAY_WORKERS must be at least 1")
+if not _redis and workers != 1:
+    # Without Redis, limits and quotas are counted in process: several workers would each
+    # admit the full limit.
+    sys.exit("GATEWAY_WORKERS must be 1 unless REDIS_URL is set (limits are in process)")
+
+keepalive = 75  # longer than typical load-balancer idle timeouts (60 s)
+graceful_timeout = 15
+timeout = 0  # async worker: gunicorn's heartbeat check does not apply per request
+accesslog = None  # every request is logged as an event; no access log on the hot path

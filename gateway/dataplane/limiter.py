@@ -1,0 +1,228 @@
+"""Rate limits (GCRA over one minute) and quotas (UTC day/month counters).
+
+Two stores with the same semantics: in process (the embedded default, one gateway worker) and
+Redis (one Lua script per request for all of a key's limits, so workers and nodes share exact
+counts). A request is admitted only if every rule admits it, and only then is anything
+counted: a request refused by the rate limit does not use quota.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from gateway.dataplane.snapshot import LimitRule
+
+log = logging.getLogger("gateway.limiter")
+
+RATE_PERIOD = 60.0  # seconds; plans state limits per minute
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    rule: LimitRule | None  # the rule that refused, else the one with the least left
+    remaining: int
+    reset: float  # seconds until that rule is fully replenished / its period ends
+    retry_after: float = 0.0
+
+
+class Limiter(Protocol):
+    async def check(self, rules: tuple[LimitRule, ...], now: float) -> Decision: ...
+
+
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """[start, end) in epoch seconds of the UTC day or month containing `now`."""
+    if period == "day":
+        start = now - now % 86400
+        return start, start + 86400
+    dt = datetime.fromtimestamp(now, UTC)
+    start = datetime(dt.year, dt.month, 1, tzinfo=UTC)
+    end = datetime(dt.year + (dt.month == 12), dt.month % 12 + 1, 1, tzinfo=UTC)
+    return start.timestamp(), end.timestamp()
+
+
+def quota_counter_name(tag: str, subject: str, period_start: float) -> str:
+    """The Redis key of a quota counter; the hash tag keeps a key's limits on one shard."""
+    return f"apigw:q:{{{tag}}}:{subject}:{int(period_start)}"
+
+
+def rate_counter_name(tag: str, subject: str) -> str:
+    return f"apigw:r:{{{tag}}}:{subject}"
+
+
+class MemoryLimiter:
+    """In-process store. Correct only with a single gateway worker (the embedded default)."""
+
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+        self._quota: dict[tuple[str, float], int] = {}
+        self._dirty: set[tuple[str, float]] = set()
+
+    async def check(self, rules: tuple[LimitRule, ...], now: float) -> Decision:
+        return self.check_sync(rules, now)
+
+    def check_sync(self, rules: tuple[LimitRule, ...], now: float) -> Decision:
+        best: Decision | None = None
+        refusal: Decision | None = None
+        writes: list[tuple[LimitRule, object, object]] = []
+        for rule in rules:
+            if rule.kind == "rate":
+                interval = RATE_PERIOD / rule.limit
+                tat = max(self._tat.get(rule.subject, now), now)
+                new_tat = tat + interval
+                if new_tat - now > RATE_PERIOD + 1e-9:
+                    retry = new_tat - RATE_PERIOD - now
+                    d = Decision(False, rule, 0, tat - now, retry)
+                else:
+                    left = int((RATE_PERIOD - (new_tat - now)) / interval + 1e-9)
+                    d = Decision(True, rule, left, new_tat - now)
+                    writes.append((rule, rule.subject, new_tat))
+            else:
+                start, end = period_bounds(rule.period, now)
+                slot = (rule.subject, start)
+                used = self._quota.get(slot, 0)
+                if used + 1 > rule.limit:
+                    d = Decision(False, rule, 0, end - now, end - now)
+                else:
+                    d = Decision(True, rule, rule.limit - used - 1, end - now)
+                    writes.append((rule, slot, used + 1))
+            if not d.allowed:
+                if refusal is None or d.retry_after > refusal.retry_after:
+                    refusal = d
+            elif best is None or d.remaining < best.remaining:
+                best = d
+        if refusal is not None:
+            return refusal
+        for rule, slot, value in writes:
+            if rule.kind == "rate":
+                self._tat[slot] = value  # type: ignore[index,assignment]
+            else:
+                self._quota[slot] = value  # type: ignore[index,assignment]
+                self._dirty.add(slot)  # type: ignore[arg-type]
+        return best or Decision(True, None, 0, 0.0)
+
+    # Persistence of quota counters (the embedded gateway writes them to the database every
+    # second so that the portal can show what is left and a restart keeps them).
+    def take_dirty(self) -> list[tuple[str, float, int]]:
+        """Quota counters changed since the last call, as (subject, period_start, used)."""
+        out = [(s, start, self._quota[(s, start)]) for s, start in self._dirty]
+        self._dirty.clear()
+        return out
+
+    def load(self, rows: list[tuple[str, float, int]]) -> None:
+        for subject, start, used in rows:
+            slot = (subject, start)
+            self._quota[slot] = max(used, self._quota.get(slot, 0))
+
+
+# KEYS: one counter per rule. ARGV: per rule, kind ("r"/"q"), limit, and for "r" the period
+# in ms, for "q" the period's end (epoch ms). Time comes from Redis for rates, so every node
+# shares one clock. Returns {allowed, index of refusing rule or 0, retry ms, then per rule
+# remaining and reset ms}.
+LUA_CHECK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local allowed = 1
+local refused = 0
+local worst = -1
+local out = {}
+local writes = {}
+for i = 1, #KEYS do
+  local kind = ARGV[(i - 1) * 3 + 1]
+  local limit = tonumber(ARGV[(i - 1) * 3 + 2])
+  local p = tonumber(ARGV[(i - 1) * 3 + 3])
+  local remaining, reset, retry
+  if kind == 'r' then
+    local interval = p / limit
+    local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+    if tat < now then tat = now end
+    local new_tat = tat + interval
+    if new_tat - now > p + 0.001 then
+      retry = new_tat - p - now
+      remaining = 0
+      reset = tat - now
+    else
+      remaining = math.floor((p - (new_tat - now)) / interval + 0.000001)
+      reset = new_tat - now
+      writes[i] = new_tat
+    end
+  else
+    local used = tonumber(redis.call('GET', KEYS[i]) or 0)
+    reset = p - now
+    if used + 1 > limit then
+      retry = reset
+      remaining = 0
+    else
+      remaining = limit - used - 1
+      writes[i] = 1
+    end
+  end
+  if retry then
+    allowed = 0
+    if retry > worst then worst = retry; refused = i end
+  end
+  out[#out + 1] = remaining
+  out[#out + 1] = math.ceil(reset)
+end
+if allowed == 1 then
+  for i = 1, #KEYS do
+    if ARGV[(i - 1) * 3 + 1] == 'r' then
+      redis.call('SET', KEYS[i], string.format('%.3f', writes[i]), 'PX',
+                 math.ceil(writes[i] - now) + 1000)
+    else
+      local v = redis.call('INCR', KEYS[i])
+      if v == 1 then
+        redis.call('PEXPIREAT', KEYS[i], tonumber(ARGV[(i - 1) * 3 + 3]) + 86400000)
+      end
+    end
+  end
+end
+local result = {allowed, refused, math.ceil(worst)}
+for _, v in ipairs(out) do result[#result + 1] = v end
+return result
+"""
+
+
+class RedisLimiter:
+    """Shared store: all of a request's limits in one EVALSHA round trip.
+
+    Fail-open when Redis is unreachable: the request is admitted, the failure counted, and a
+    warning logged at most once a second; the client reconnects on the next call.
+    """
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.script = client.register_script(LUA_CHECK)
+        self.store_errors = 0
+        self._last_warning = 0.0
+
+    async def check(self, rules: tuple[LimitRule, ...], now: float) -> Decision:
+        keys: list[str] = []
+        args: list[object] = []
+        for rule in rules:
+            if rule.kind == "rate":
+                keys.append(rate_counter_name(rule.tag, rule.subject))
+                args += ["r", rule.limit, int(RATE_PERIOD * 1000)]
+            else:
+                start, end = period_bounds(rule.period, now)
+                keys.append(quota_counter_name(rule.tag, rule.subject, start))
+                args += ["q", rule.limit, int(end * 1000)]
+        try:
+            res = await self.script(keys=keys, args=args)
+        except Exception as exc:  # any store failure: fail open, never 500
+            self.store_errors += 1
+            mono = time.monotonic()
+            if mono - self._last_warning >= 1.0:
+                self._last_warning = mono
+                log.warning("limiter store error (failing open): %s", exc)
+            return Decision(True, None, 0, 0.0)
+        allowed, refused, worst = int(res[0]), int(res[1]), int(res[2])
+        if not allowed:
+            rule = rules[refused - 1]
+            return Decision(False, rule, 0, res[4 + 2 * (refused - 1)] / 1000, worst / 1000)
+        best_i = min(range(len(rules)), key=lambda i: res[3 + 2 * i])
+        return Decision(True, rules[best_i], int(res[3 + 2 * best_i]), res[4 + 2 * best_i] / 1000)

@@ -1,0 +1,138 @@
+"""Log events: a bounded in-memory buffer and a background shipper.
+
+Requests only append to the buffer (never wait). A task ships a batch every flush interval or
+as soon as a batch is full: to a Redis stream when REDIS_URL is set, otherwise to a durable
+local spool of JSON-lines files. When the buffer is full, events are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+log = logging.getLogger("gateway.logship")
+
+
+class EventBuffer:
+    def __init__(self, *, capacity: int, batch_size: int) -> None:
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.events: deque[dict] = deque()
+        self.dropped = 0
+        self.shipped = 0
+        self.batch_ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def push(self, event: dict) -> None:
+        events = self.events
+        if len(events) >= self.capacity:
+            self.dropped += 1
+            return
+        events.append(event)
+        if len(events) >= self.batch_size:
+            self.batch_ready.set()
+
+    def take(self) -> list[dict]:
+        events = self.events
+        n = min(len(events), self.batch_size)
+        return [events.popleft() for _ in range(n)]
+
+    def put_back(self, batch: list[dict]) -> None:
+        """Return an unshipped batch to the front; what no longer fits is dropped and counted."""
+        room = self.capacity - len(self.events)
+        if room < len(batch):
+            self.dropped += len(batch) - max(room, 0)
+            batch = batch[: max(room, 0)]
+        self.events.extendleft(reversed(batch))
+
+
+def _encode(batch: list[dict]) -> bytes:
+    return b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in batch)
+
+
+class SpoolSink:
+    """Writes each batch as one file, atomically (write, fsync, rename)."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._seq = 0
+
+    def _write(self, batch: list[dict]) -> None:
+        self._seq += 1
+        name = f"{time.time_ns():020d}-{os.getpid()}-{self._seq:08d}.jsonl"
+        tmp = self.dir / f".{name}.tmp"  # ingest ignores dot files
+        with open(tmp, "wb") as f:
+            f.write(_encode(batch))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+
+    async def write(self, batch: list[dict]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch)
+
+
+class RedisStreamSink:
+    """XADDs each event of a batch to one stream in a single pipelined round trip."""
+
+    def __init__(self, client, stream: str) -> None:
+        self.client = client
+        self.stream = stream
+
+    async def write(self, batch: list[dict]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for e in batch:
+            pipe.xadd(self.stream, {"e": json.dumps(e, separators=(",", ":"))})
+        await pipe.execute()
+
+
+class LogShipper:
+    def __init__(self, buffer: EventBuffer, sink, *, interval: float) -> None:
+        self.buffer = buffer
+        self.sink = sink
+        self.interval = interval
+        self.failures = 0
+        self._last_warning = 0.0
+
+    async def run(self) -> None:
+        buffer = self.buffer
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(buffer.batch_ready.wait(), self.interval)
+            buffer.batch_ready.clear()
+            while len(buffer):
+                if not await self.ship_once():
+                    break
+
+    async def ship_once(self) -> bool:
+        batch = self.buffer.take()
+        if not batch:
+            return True
+        try:
+            await self.sink.write(batch)
+        except Exception as exc:
+            self.failures += 1
+            self.buffer.put_back(batch)
+            mono = time.monotonic()
+            if mono - self._last_warning >= 1.0:
+                self._last_warning = mono
+                log.warning("log shipping failed, will retry: %s", exc)
+            return False
+        self.buffer.shipped += len(batch)
+        return True
+
+    async def drain(self) -> None:
+        """Ship everything left (at shutdown)."""
+        for _ in range(1000):
+            if not len(self.buffer) or not await self.ship_once():
+                return

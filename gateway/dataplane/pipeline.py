@@ -1,0 +1,30 @@
+"""The policy pipeline: small stages with pass-through hooks, run in a fixed order.
+
+Order (DESIGN.md): match route -> authenticate -> authorize -> limit -> proxy -> log.
+A route's pipeline holds only the stages it uses, compiled with the snapshot.
+"""
+
+from __future__ import annotations
+
+from gateway.dataplane.context import LocalResponse, RequestContext
+
+
+class Stage:
+    """Base stage: every hook passes through; a stage overrides only what it needs."""
+
+    name = "stage"
+
+    async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+        """Inspect the request; return a response to end the pipeline here."""
+        return None
+
+    def on_complete(self, ctx: RequestContext) -> None:
+        """Called after the client has its answer (logging, counters)."""
+
+
+class Handler:
+    """The terminal step: produce the response (proxy today; aggregate, WebSocket later)."""
+
+    async def handle(self, ctx: RequestContext) -> LocalResponse | None:
+        """Send the response itself and return None, or return a local response to send."""
+        raise NotImplementedError

@@ -1,0 +1,55 @@
+"""Gateway errors as RFC 9457 problem details, carrying the request id.
+
+`type` is a URN naming the problem (documented in the README); `title` is stable per type,
+`detail` explains this occurrence.
+"""
+
+from __future__ import annotations
+
+import json
+
+from gateway.dataplane.context import Headers, LocalResponse
+
+# type slug -> (status, title)
+PROBLEMS: dict[str, tuple[int, str]] = {
+    "bad-request": (400, "Bad request"),
+    "missing-credential": (401, "Missing credential"),
+    "invalid-credential": (401, "Invalid credential"),
+    "forbidden": (403, "Forbidden"),
+    "not-found": (404, "No route matches"),
+    "method-not-allowed": (405, "Method not allowed"),
+    "rate-limited": (429, "Rate limit exceeded"),
+    "quota-exhausted": (429, "Quota exhausted"),
+    "internal": (500, "Internal gateway error"),
+    "bad-gateway": (502, "Upstream unreachable"),
+    "not-ready": (503, "Gateway not ready"),
+    "no-healthy-target": (503, "No healthy upstream target"),
+    "gateway-timeout": (504, "Upstream timed out"),
+}
+
+_CONTENT_TYPE = (b"content-type", b"application/problem+json")
+
+
+def problem(
+    slug: str,
+    detail: str,
+    *,
+    request_id: str,
+    headers: Headers | None = None,
+    **extra: object,
+) -> LocalResponse:
+    """A problem+json response of type `slug` (a key of PROBLEMS)."""
+    status, title = PROBLEMS[slug]
+    doc = {
+        "type": f"urn:apigw:problem:{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id,
+        **extra,
+    }
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    out = [_CONTENT_TYPE, (b"cache-control", b"no-store")]
+    if headers:
+        out.extend(headers)
+    return LocalResponse(status=status, headers=out, body=body)

@@ -1,0 +1,43 @@
+"""The data plane's settings: settings.GATEWAY, read once at start into a frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    config_poll_interval: float
+    log_buffer_size: int
+    log_batch_size: int
+    log_flush_interval: float
+    log_spool_dir: str
+    log_stream: str
+    counter_flush_interval: float
+    upstream_connect_timeout: float
+    upstream_read_timeout: float
+    upstream_pool_size: int
+    redis_timeout: float
+    redis_url: str
+    key_hmac_secret: bytes
+
+
+def load_settings() -> GatewaySettings:
+    from django.conf import settings
+
+    g = settings.GATEWAY
+    return GatewaySettings(
+        config_poll_interval=g["CONFIG_POLL_INTERVAL"],
+        log_buffer_size=g["LOG_BUFFER_SIZE"],
+        log_batch_size=g["LOG_BATCH_SIZE"],
+        log_flush_interval=g["LOG_FLUSH_INTERVAL"],
+        log_spool_dir=g["LOG_SPOOL_DIR"],
+        log_stream=g["LOG_STREAM"],
+        counter_flush_interval=g["COUNTER_FLUSH_INTERVAL"],
+        upstream_connect_timeout=g["UPSTREAM_CONNECT_TIMEOUT"],
+        upstream_read_timeout=g["UPSTREAM_READ_TIMEOUT"],
+        upstream_pool_size=g["UPSTREAM_POOL_SIZE"],
+        redis_timeout=g["REDIS_TIMEOUT"],
+        redis_url=settings.REDIS_URL,
+        key_hmac_secret=settings.API_KEY_HMAC_SECRET.encode(),
+    )

@@ -1,0 +1,34 @@
+"""Authorize: the key's subscription must be active and its plan must include the API."""
+
+from __future__ import annotations
+
+from gateway.dataplane.context import LocalResponse, RequestContext
+from gateway.dataplane.pipeline import Stage
+from gateway.dataplane.problems import problem
+
+
+class AuthorizeStage(Stage):
+    name = "authorize"
+
+    def __init__(self, *, api_id: int, api_slug: str) -> None:
+        self.api_id = api_id
+        self.api_slug = api_slug
+
+    async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+        key = ctx.key
+        if key is None:  # compiled after authenticate; a key is always set here
+            return problem("forbidden", "No consumer.", request_id=ctx.request_id)
+        if key.subscription_status != "active":
+            return problem(
+                "forbidden",
+                f"The key's subscription to plan '{key.plan_slug}' is "
+                f"{key.subscription_status}, not active.",
+                request_id=ctx.request_id,
+            )
+        if self.api_id not in key.api_ids:
+            return problem(
+                "forbidden",
+                f"Plan '{key.plan_slug}' does not include API '{self.api_slug}'.",
+                request_id=ctx.request_id,
+            )
+        return None

@@ -1,0 +1,77 @@
+"""The demo upstream: answers every path by echoing the request it received, as JSON.
+
+Like httpbin's /anything, so that a user can see what the gateway sent. Extra paths:
+`/status/<code>` answers with that status. Run:
+`uvicorn gateway.demo_upstream:app --port 9000`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from urllib.parse import parse_qs
+
+MAX_ECHO_BODY = 1 << 20  # larger bodies are counted, not echoed
+
+
+async def app(scope, receive, send) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    body = bytearray()
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if len(body) < MAX_ECHO_BODY:
+            body += chunk[: MAX_ECHO_BODY - len(body)]
+        if not msg.get("more_body"):
+            break
+    headers: dict[str, str] = {}
+    for k, v in scope["headers"]:
+        name = k.decode("latin-1").title()
+        value = v.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    query = scope.get("query_string", b"").decode("latin-1")
+    try:
+        text: str | None = bytes(body).decode()
+        encoded = None
+    except UnicodeDecodeError:
+        text, encoded = None, base64.b64encode(body).decode()
+    status = 200
+    path = scope["path"]
+    parts = path.strip("/").split("/")
+    if len(parts) == 2 and parts[0] == "status" and parts[1].isdigit():
+        status = min(max(int(parts[1]), 200), 599)
+    payload = {
+        "method": scope["method"],
+        "path": path,
+        "raw_path": scope.get("raw_path", b"").decode("latin-1"),
+        "query": {k: v if len(v) > 1 else v[0] for k, v in parse_qs(query).items()},
+        "headers": headers,
+        "body": text,
+        "body_base64": encoded,
+        "body_size": size,
+    }
+    out = json.dumps(payload, indent=2).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(out)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": out})

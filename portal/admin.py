@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin
+
+from gateway.admin_mixins import ConfigChangeAdmin
+from portal.keys import key_revoke
+from portal.models import (
+    ApiKey,
+    AuditEvent,
+    Consumer,
+    Membership,
+    Organization,
+    Plan,
+    Subscription,
+    User,
+)
+from portal.subscriptions import (
+    SubscriptionError,
+    subscription_approve,
+    subscription_cancel,
+    subscription_reject,
+)
+
+admin.site.site_header = "API management"
+admin.site.site_title = "API management"
+
+
+@admin.register(User)
+class PortalUserAdmin(UserAdmin):
+    list_display = ["username", "email", "is_staff", "is_active", "date_joined", "last_login"]
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+@admin.register(Organization)
+class OrganizationAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "member_count", "created_at"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [MembershipInline]
+
+    @admin.display(description="Members")
+    def member_count(self, obj: Organization) -> int:
+        return obj.memberships.count()
+
+
+@admin.register(Consumer)
+class ConsumerAdmin(ConfigChangeAdmin):
+    list_display = ["__str__", "user", "organization", "created_at"]
+    search_fields = ["user__email", "user__username", "organization__name"]
+    list_select_related = ["user", "organization"]
+    autocomplete_fields = ["user", "organization"]
+
+
+@admin.register(Plan)
+class PlanAdmin(ConfigChangeAdmin):
+    list_display = [
+        "name",
+        "slug",
+        "rate_limit_per_minute",
+        "quota_limit",
+        "quota_period",
+        "requires_approval",
+        "is_public",
+        "api_list",
+    ]
+    list_filter = ["requires_approval", "is_public", "quota_period"]
+    search_fields = ["name", "slug"]
+    filter_horizontal = ["apis"]
+    prepopulated_fields = {"slug": ["name"]}
+
+    @admin.display(description="APIs")
+    def api_list(self, obj: Plan) -> str:
+        return ", ".join(a.name for a in obj.apis.all()) or "—"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("apis")
+
+
+def _bulk(modeladmin, request, queryset, action, verb: str) -> None:
+    done = 0
+    for obj in queryset:
+        try:
+            action(obj, actor=request.user)
+            done += 1
+        except SubscriptionError as exc:
+            modeladmin.message_user(request, f"{obj}: {exc}", messages.WARNING)
+    modeladmin.message_user(request, f"{done} subscription(s) {verb}.", messages.SUCCESS)
+
+
+@admin.register(Subscription)
+class SubscriptionAdmin(ConfigChangeAdmin):
+    list_display = ["consumer", "plan", "status", "created_at", "decided_at"]
+    list_filter = ["status", "plan"]
+    search_fields = ["consumer__user__email", "consumer__organization__name", "plan__name"]
+    list_select_related = ["consumer__user", "consumer__organization", "plan"]
+    autocomplete_fields = ["consumer"]
+    readonly_fields = ["decided_at", "created_at"]
+    actions = ["approve", "reject", "cancel"]
+
+    @admin.action(description="Approve selected pending subscriptions")
+    def approve(self, request, queryset) -> None:
+        _bulk(self, request, queryset, subscription_approve, "approved")
+
+    @admin.action(description="Reject selected pending subscriptions")
+    def reject(self, request, queryset) -> None:
+        _bulk(self, request, queryset, subscription_reject, "rejected")
+
+    @admin.action(description="Cancel selected subscriptions")
+    def cancel(self, request, queryset) -> None:
+        _bulk(self, request, queryset, subscription_cancel, "cancelled")
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(ConfigChangeAdmin):
+    list_display = [
+        "name",
+        "prefix",
+        "owner",
+        "plan",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    ]
+    list_filter = ["revoked_at", "subscription__plan", "created_at"]
+    search_fields = [
+        "name",
+        "key_id",
+        "subscription__consumer__user__email",
+        "subscription__consumer__organization__name",
+    ]
+    list_select_related = [
+        "subscription__plan",
+        "subscription__consumer__user",
+        "subscription__consumer__organization",
+    ]
+    readonly_fields = ["key_id", "digest", "created_at", "revoked_at", "last_used_at"]
+    fields = [
+        "name",
+        "subscription",
+        "key_id",
+        "digest",
+        "expires_at",
+        "created_at",
+        "revoked_at",
+        "last_used_at",
+    ]
+    raw_id_fields = ["subscription"]
+    actions = ["revoke"]
+
+    @admin.display(description="Owner")
+    def owner(self, obj: ApiKey) -> str:
+        return str(obj.subscription.consumer)
+
+    @admin.display(description="Plan")
+    def plan(self, obj: ApiKey) -> str:
+        return obj.subscription.plan.name
+
+    def has_add_permission(self, request) -> bool:
+        # Keys are issued where the secret can be shown once: the portal or `createapikey`.
+        return False
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request, queryset) -> None:
+        n = 0
+        for api_key in queryset:
+            if api_key.revoked_at is None:
+                key_revoke(api_key, actor=request.user)
+                n += 1
+        self.message_user(request, f"{n} key(s) revoked.", messages.SUCCESS)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    list_display = ["at", "actor", "action", "target"]
+    list_filter = ["action", "at"]
+    search_fields = ["target", "actor__email"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

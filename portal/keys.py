@@ -1,0 +1,89 @@
+"""API keys: format, keyed hashing, and the actions that issue and revoke them.
+
+A key reads `gw_<key_id>_<secret>`: `key_id` (12 hex chars) finds the row without a scan,
+`secret` carries 192 random bits. Only HMAC-SHA256(API_KEY_HMAC_SECRET, key) is stored, so a
+database leak yields no usable key, and the comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from gateway.config import config_bump
+from portal.audit import audit_record
+from portal.models import ApiKey, Subscription
+
+KEY_PREFIX = "gw_"
+_KEY_ID_HEX = 12
+_MAX_KEY_LENGTH = 128
+
+
+def key_digest(raw: str, secret: bytes | None = None) -> str:
+    """Hex HMAC-SHA256 of a full key string."""
+    secret = secret if secret is not None else settings.API_KEY_HMAC_SECRET.encode()
+    return hmac.new(secret, raw.encode(), hashlib.sha256).hexdigest()
+
+
+def key_parse(raw: str) -> str | None:
+    """The key id of a well-formed key string, else None. Does not check the secret."""
+    if len(raw) > _MAX_KEY_LENGTH or not raw.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = raw[len(KEY_PREFIX) :].partition("_")
+    if not sep or len(key_id) != _KEY_ID_HEX or not secret:
+        return None
+    return key_id
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    key: str  # shown to its owner exactly once, never stored
+
+
+def key_issue(
+    subscription: Subscription,
+    *,
+    name: str,
+    actor=None,
+    expires_at: datetime | None = None,
+) -> IssuedKey:
+    """Create a key under `subscription`; the returned `key` is the only copy there is."""
+    for _ in range(5):
+        key_id = secrets.token_hex(_KEY_ID_HEX // 2)
+        raw = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
+        try:
+            with transaction.atomic():
+                api_key = ApiKey.objects.create(
+                    subscription=subscription,
+                    name=name[:100],
+                    key_id=key_id,
+                    digest=key_digest(raw),
+                    expires_at=expires_at,
+                )
+                audit_record(actor=actor, action="key_issue", target=api_key)
+                config_bump(actor=actor, reason=f"key {api_key.prefix} issued")
+        except IntegrityError:
+            continue  # key_id collision (48 bits): draw again
+        return IssuedKey(api_key=api_key, key=raw)
+    raise RuntimeError("could not draw a unique key id")
+
+
+def key_revoke(api_key: ApiKey, *, actor=None) -> ApiKey:
+    """Revoke a key; every gateway node rejects it within the config poll interval."""
+    with transaction.atomic():
+        api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+        if api_key.revoked_at is not None:
+            return api_key
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+        audit_record(actor=actor, action="key_revoke", target=api_key)
+        config_bump(actor=actor, reason=f"key {api_key.prefix} revoked")
+    return api_key

@@ -1,0 +1,231 @@
+"""Who calls the gateway: users, organizations, consumers, plans, subscriptions, API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractUser
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+
+class User(AbstractUser):
+    """A person: a developer, a partner's member, or an admin."""
+
+
+class Organization(models.Model):
+    """A partner: its members share its keys, subscriptions and usage."""
+
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        OWNER = "owner", "Owner"
+        MEMBER = "member", "Member"
+
+    organization = models.ForeignKey(
+        Organization, related_name="memberships", on_delete=models.CASCADE
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, related_name="memberships", on_delete=models.CASCADE
+    )
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    joined_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "user"], name="membership_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.organization} ({self.role})"
+
+
+class Consumer(models.Model):
+    """What owns keys and subscriptions: exactly one user or one organization."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE
+    )
+    organization = models.OneToOneField(
+        Organization, null=True, blank=True, on_delete=models.CASCADE
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(user__isnull=False) & Q(organization__isnull=True))
+                | (Q(user__isnull=True) & Q(organization__isnull=False)),
+                name="consumer_user_xor_organization",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.display_name
+
+    @property
+    def display_name(self) -> str:
+        """The owner's name as people see it."""
+        if self.user_id:
+            return self.user.email or self.user.username
+        return self.organization.name
+
+
+class Plan(models.Model):
+    """What a subscription grants: which APIs, how fast, how much."""
+
+    class QuotaPeriod(models.TextChoices):
+        DAY = "day", "per UTC day"
+        MONTH = "month", "per UTC month"
+
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(unique=True)
+    description = models.TextField(blank=True)
+    apis = models.ManyToManyField("gateway.Api", related_name="plans", blank=True)
+    rate_limit_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)], help_text="Empty: no limit."
+    )
+    quota_limit = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)], help_text="Empty: no quota."
+    )
+    quota_period = models.CharField(
+        max_length=10, choices=QuotaPeriod.choices, default=QuotaPeriod.DAY
+    )
+    requires_approval = models.BooleanField(default=False)
+    is_public = models.BooleanField(default=True, help_text="Offered in the portal.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def quota_period_start(self, now: datetime) -> datetime:
+        """Start of the UTC calendar day or month that `now` falls in."""
+        return quota_period_bounds(self.quota_period, now)[0]
+
+
+def quota_period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
+    """[start, end) of the UTC calendar day or month containing `now` (an aware datetime)."""
+    from datetime import UTC, timedelta
+
+    now = now.astimezone(UTC)
+    if period == Plan.QuotaPeriod.MONTH:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=1)
+    return start, end
+
+
+class Subscription(models.Model):
+    """A consumer's access to a plan; only an active one authorizes requests."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending approval"
+        ACTIVE = "active", "Active"
+        REJECTED = "rejected", "Rejected"
+        CANCELLED = "cancelled", "Cancelled"
+
+    consumer = models.ForeignKey(Consumer, related_name="subscriptions", on_delete=models.CASCADE)
+    plan = models.ForeignKey(Plan, related_name="subscriptions", on_delete=models.PROTECT)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["consumer", "plan"],
+                condition=Q(status__in=["pending", "active"]),
+                name="one_open_subscription_per_plan",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.consumer} → {self.plan} ({self.status})"
+
+    def is_active(self) -> bool:
+        """Whether requests under this subscription are authorized."""
+        return self.status == self.Status.ACTIVE
+
+
+class ApiKey(models.Model):
+    """An API key under a subscription. Only its id and a keyed hash are stored."""
+
+    subscription = models.ForeignKey(Subscription, related_name="keys", on_delete=models.CASCADE)
+    name = models.CharField(max_length=100)
+    key_id = models.CharField(max_length=32, unique=True, help_text="Public part of the key.")
+    digest = models.CharField(max_length=64, help_text="HMAC-SHA256 of the whole key.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def prefix(self) -> str:
+        """What lists show of the key: enough to recognise it, useless to call with."""
+        return f"gw_{self.key_id}"
+
+    def is_usable(self, now: datetime) -> bool:
+        """Not revoked, not expired."""
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or self.expires_at > now
+
+
+class QuotaCounter(models.Model):
+    """Quota used by a subscription in one period (persisted by the embedded gateway)."""
+
+    subscription = models.ForeignKey(Subscription, on_delete=models.CASCADE)
+    period_start = models.DateTimeField()
+    used = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subscription", "period_start"], name="quota_counter_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"subscription {self.subscription_id} since {self.period_start:%Y-%m-%d}: {self.used}"
+        )
+
+
+class AuditEvent(models.Model):
+    """Who did what to which object; written by the action functions."""
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    action = models.CharField(max_length=50)
+    target = models.CharField(max_length=200)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M} {self.action} {self.target}"

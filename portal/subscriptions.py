@@ -1,0 +1,71 @@
+"""Actions on subscriptions: subscribe, approve, reject, cancel."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from gateway.config import config_bump
+from portal.audit import audit_record
+from portal.models import Consumer, Plan, Subscription
+
+
+class SubscriptionError(Exception):
+    """A subscription change that the rules do not allow; the message is for the user."""
+
+
+def subscription_create(consumer: Consumer, *, plan: Plan, actor=None) -> Subscription:
+    """Subscribe `consumer` to `plan`: active at once, or pending if the plan needs approval."""
+    with transaction.atomic():
+        existing = (
+            Subscription.objects.select_for_update()
+            .filter(consumer=consumer, plan=plan, status__in=["pending", "active"])
+            .first()
+        )
+        if existing is not None:
+            return existing
+        status = (
+            Subscription.Status.PENDING if plan.requires_approval else Subscription.Status.ACTIVE
+        )
+        sub = Subscription.objects.create(
+            consumer=consumer,
+            plan=plan,
+            status=status,
+            decided_at=None if plan.requires_approval else timezone.now(),
+        )
+        audit_record(actor=actor, action="subscription_create", target=sub, status=status)
+        config_bump(actor=actor, reason=f"subscription {sub.pk} created ({status})")
+    return sub
+
+
+def _decide(sub: Subscription, *, status: str, actor, allowed_from: set[str]) -> Subscription:
+    with transaction.atomic():
+        sub = Subscription.objects.select_for_update().get(pk=sub.pk)
+        if sub.status not in allowed_from:
+            raise SubscriptionError(f"Subscription is {sub.get_status_display().lower()}.")
+        sub.status = status
+        sub.decided_at = timezone.now()
+        sub.save(update_fields=["status", "decided_at"])
+        audit_record(actor=actor, action=f"subscription_{status}", target=sub)
+        config_bump(actor=actor, reason=f"subscription {sub.pk} {status}")
+    return sub
+
+
+def subscription_approve(sub: Subscription, *, actor=None) -> Subscription:
+    """Approve a pending subscription: its keys start working."""
+    return _decide(sub, status=Subscription.Status.ACTIVE, actor=actor, allowed_from={"pending"})
+
+
+def subscription_reject(sub: Subscription, *, actor=None) -> Subscription:
+    """Reject a pending subscription."""
+    return _decide(sub, status=Subscription.Status.REJECTED, actor=actor, allowed_from={"pending"})
+
+
+def subscription_cancel(sub: Subscription, *, actor=None) -> Subscription:
+    """End a subscription: its keys stop working."""
+    return _decide(
+        sub,
+        status=Subscription.Status.CANCELLED,
+        actor=actor,
+        allowed_from={"pending", "active"},
+    )

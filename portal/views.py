@@ -1,0 +1,173 @@
+"""Portal pages. Views parse and render; writes go through the action modules."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_POST
+from django_ratelimit.decorators import ratelimit
+
+from analytics.selectors import key_usage_series
+from gateway.models import Api
+from portal.consumers import consumer_for_user
+from portal.forms import KeyCreateForm
+from portal.keys import key_issue, key_revoke
+from portal.models import ApiKey, Plan, Subscription
+from portal.selectors import consumer_keys, consumer_subscriptions, public_plans, quota_usage
+from portal.subscriptions import subscription_create
+
+
+def ratelimited(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """django-ratelimit's answer: 429 with a page that says when to retry."""
+    response = render(request, "portal/ratelimited.html", {"retry_after": 60}, status=429)
+    response["Retry-After"] = "60"
+    return response
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    if request.user.is_authenticated:
+        return redirect("portal:dashboard")
+    return render(request, "portal/home.html", {"apis": _published_apis()})
+
+
+def _published_apis():
+    return Api.objects.filter(is_published=True).prefetch_related("plans")
+
+
+def catalog(request: HttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "portal/catalog.html",
+        {"apis": _published_apis(), "gateway_url": settings.GATEWAY_PUBLIC_URL},
+    )
+
+
+def plans(request: HttpRequest) -> HttpResponse:
+    subscribed: dict[int, str] = {}
+    if request.user.is_authenticated:
+        consumer = consumer_for_user(request.user)
+        subscribed = {s.plan_id: s.status for s in consumer_subscriptions(consumer)}
+    offered = list(public_plans())
+    for plan in offered:
+        plan.subscription_status = subscribed.get(plan.pk, "")
+    return render(request, "portal/plans.html", {"plans": offered})
+
+
+@login_required
+@require_POST
+def subscribe(request: HttpRequest, slug: str) -> HttpResponse:
+    plan = get_object_or_404(Plan, slug=slug, is_public=True)
+    sub = subscription_create(consumer_for_user(request.user), plan=plan, actor=request.user)
+    if sub.status == Subscription.Status.PENDING:
+        messages.info(request, f"Your subscription to {plan.name} is waiting for approval.")
+    else:
+        messages.success(request, f"You are subscribed to {plan.name}. Create a key below.")
+    return redirect("portal:dashboard")
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    consumer = consumer_for_user(request.user)
+    subs = list(consumer_subscriptions(consumer))
+    active = Subscription.objects.filter(pk__in=[s.pk for s in subs if s.is_active()])
+    form = KeyCreateForm(subscriptions=active.select_related("plan"))
+    now = timezone.now()
+    keys = list(consumer_keys(consumer))
+    for k in keys:
+        k.usable = k.is_usable(now)
+    return render(
+        request,
+        "portal/dashboard.html",
+        {
+            "subscriptions": subs,
+            "keys": keys,
+            "form": form,
+            "has_active": active.exists(),
+            "gateway_url": settings.GATEWAY_PUBLIC_URL,
+            "apis": _published_apis(),
+        },
+    )
+
+
+@login_required
+@require_POST
+@never_cache
+@ratelimit(key="user", rate="30/h", method="POST", block=True)
+@ratelimit(key="ip", rate="60/h", method="POST", block=True)
+def key_create(request: HttpRequest) -> HttpResponse:
+    consumer = consumer_for_user(request.user)
+    active = Subscription.objects.filter(consumer=consumer, status=Subscription.Status.ACTIVE)
+    form = KeyCreateForm(request.POST, subscriptions=active.select_related("plan"))
+    if not form.is_valid():
+        messages.error(request, "The key was not created: " + _form_errors(form))
+        return redirect("portal:dashboard")
+    issued = key_issue(
+        form.cleaned_data["subscription"],
+        name=form.cleaned_data["name"],
+        actor=request.user,
+        expires_at=form.cleaned_data["expires_at"],
+    )
+    response = render(
+        request,
+        "portal/key_created.html",
+        {
+            "issued": issued,
+            "gateway_url": settings.GATEWAY_PUBLIC_URL,
+            "apis": issued.api_key.subscription.plan.apis.all(),
+        },
+    )
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _form_errors(form) -> str:
+    return "; ".join(
+        f"{form.fields[f].label or f}: {' '.join(errs)}" if f != "__all__" else " ".join(errs)
+        for f, errs in form.errors.items()
+    )
+
+
+def _own_key(request: HttpRequest, pk: int) -> ApiKey:
+    consumer = consumer_for_user(request.user)
+    return get_object_or_404(
+        ApiKey.objects.select_related("subscription__plan"), pk=pk, subscription__consumer=consumer
+    )
+
+
+@login_required
+@require_POST
+def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
+    api_key = _own_key(request, pk)
+    key_revoke(api_key, actor=request.user)
+    messages.success(request, f"Key {api_key.prefix}… is revoked.")
+    return redirect("portal:dashboard")
+
+
+@login_required
+def key_usage(request: HttpRequest, pk: int) -> HttpResponse:
+    api_key = _own_key(request, pk)
+    return render(
+        request,
+        "portal/key_usage.html",
+        {
+            "key": api_key,
+            "usage": key_usage_series(api_key.pk),
+            "quota": quota_usage(api_key.subscription),
+        },
+    )
+
+
+@login_required
+def key_usage_data(request: HttpRequest, pk: int) -> JsonResponse:
+    api_key = _own_key(request, pk)
+    quota = quota_usage(api_key.subscription)
+    data = key_usage_series(api_key.pk)
+    data["quota"] = (
+        {"limit": quota.limit, "used": quota.used, "remaining": quota.remaining} if quota else None
+    )
+    return JsonResponse(data)

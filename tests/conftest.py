@@ -1,0 +1,229 @@
+"""Shared fixtures: the usual actors, a demo catalog, and the real running stack."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from tests.procs import BIN, Proc, child_env, free_port, port_open, wait_until
+
+PASSWORD = "correct-horse-battery-staple-42"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def make_user(email: str, *, verified: bool = True, password: str = PASSWORD):
+    from allauth.account.models import EmailAddress
+
+    from portal.models import User
+
+    user = User.objects.create_user(username=email, email=email, password=password)
+    EmailAddress.objects.create(user=user, email=email, verified=verified, primary=True)
+    return user
+
+
+@pytest.fixture
+def developer(db):
+    """A developer with a verified email."""
+    return make_user("dev@example.com")
+
+
+@pytest.fixture
+def stranger(db):
+    """Another developer, who must never see the first one's keys."""
+    return make_user("stranger@example.com")
+
+
+@dataclass
+class Catalog:
+    upstream: object
+    api: object
+    route: object
+    free: object
+    pro: object
+
+
+def make_catalog(upstream_port: int = 9) -> Catalog:
+    """An upstream on loopback, the /demo API routed to it, a free and a pro (approval) plan."""
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from gateway.models import Api, Route, Target, Upstream
+    from portal.models import Plan
+
+    with transaction.atomic():
+        upstream = Upstream.objects.create(name="echo", read_timeout=5, connect_timeout=2)
+        Target.objects.create(upstream=upstream, host="127.0.0.1", port=upstream_port)
+        api = Api.objects.create(name="Demo", slug="demo", path_prefix="/demo", upstream=upstream)
+        route = Route.objects.create(api=api, name="all", path="/")
+        free = Plan.objects.create(
+            name="Free", slug="free", rate_limit_per_minute=1000, quota_limit=10_000
+        )
+        pro = Plan.objects.create(name="Pro", slug="pro", requires_approval=True)
+        free.apis.add(api)
+        pro.apis.add(api)
+        config_bump(reason="test catalog")
+    return Catalog(upstream, api, route, free, pro)
+
+
+@pytest.fixture
+def catalog(db) -> Catalog:
+    return make_catalog()
+
+
+def active_key(user, plan, *, name: str = "test"):
+    """Subscribe `user` to `plan` (approving if needed) and issue a key; returns IssuedKey."""
+    from portal.consumers import consumer_for_user
+    from portal.keys import key_issue
+    from portal.subscriptions import subscription_approve, subscription_create
+
+    sub = subscription_create(consumer_for_user(user), plan=plan)
+    if sub.status == "pending":
+        sub = subscription_approve(sub)
+    return key_issue(sub, name=name)
+
+
+# --- the real stack: demo upstream, gateway under gunicorn, Celery worker and beat -----------
+@dataclass
+class Stack:
+    gateway_url: str
+    gateway_port: int
+    upstream_port: int
+    procs: dict[str, Proc]
+    env: dict[str, str]
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.gateway_url + path, timeout=10, **kw)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{p.output()[-3000:]}" for n, p in self.procs.items())
+
+
+def _database_url() -> str:
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{Path(db['NAME']).resolve()}"
+    auth = quote(db["USER"] or "", safe="")
+    if db["PASSWORD"]:
+        auth += ":" + quote(db["PASSWORD"], safe="")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture(scope="module")
+def stack(django_db_setup, django_db_blocker, tmp_path_factory):
+    from django.conf import settings
+
+    if settings.REDIS_URL:
+        import redis
+
+        redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    var = tmp_path_factory.mktemp("stack-var")
+    upstream_port, gateway_port = free_port(), free_port()
+    env = child_env(
+        DATABASE_URL=_database_url(),
+        SECRET_KEY=settings.SECRET_KEY,
+        API_KEY_HMAC_SECRET=settings.API_KEY_HMAC_SECRET,
+        VAR_DIR=str(var),
+        GATEWAY_BIND=f"127.0.0.1:{gateway_port}",
+        GATEWAY_WORKERS="2" if settings.REDIS_URL else "1",
+        GATEWAY_LOG_FLUSH_INTERVAL="0.2",
+    )
+    procs: dict[str, Proc] = {}
+    try:
+        procs["upstream"] = Proc(
+            "upstream",
+            [
+                str(BIN / "uvicorn"),
+                "gateway.demo_upstream:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(upstream_port),
+                "--no-access-log",
+            ],
+            env=env,
+            log_dir=var,
+        )
+        procs["gateway"] = Proc(
+            "gateway",
+            [str(BIN / "gunicorn"), "-c", "gateway/dataplane/gunicorn_conf.py"],
+            env=env,
+            log_dir=var,
+        )
+        procs["worker"] = Proc(
+            "worker",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "config",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                "1",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env=env,
+            log_dir=var,
+        )
+        procs["beat"] = Proc(
+            "beat",
+            [str(BIN / "celery"), "-A", "config", "beat", "--loglevel", "INFO"],
+            env=env,
+            log_dir=var,
+        )
+        wait_until(lambda: port_open(upstream_port), timeout=30, what="the upstream")
+        wait_until(lambda: port_open(gateway_port), timeout=30, what="the gateway")
+        yield Stack(f"http://127.0.0.1:{gateway_port}", gateway_port, upstream_port, procs, env)
+    finally:
+        for proc in reversed(procs.values()):
+            proc.stop()
+        ARTIFACTS.mkdir(exist_ok=True)
+        for proc in procs.values():
+            shutil.copy(proc.log_path, ARTIFACTS / f"stack-{proc.name}.log")
+
+
+def wait_for_key(stack: Stack, key: str, *, timeout: float = 10) -> None:
+    """Wait until every gateway worker's snapshot knows `key`."""
+    _wait_stable(
+        stack,
+        lambda: stack.get("/demo/ping", headers={"X-API-Key": key}).status_code != 401,
+        timeout=timeout,
+        what="the gateway workers to load the new key",
+    )
+
+
+def wait_for_config(stack: Stack, *, timeout: float = 10) -> None:
+    """Wait until every gateway worker serves the /demo API."""
+    _wait_stable(
+        stack,
+        lambda: stack.get("/demo/ping").status_code != 404,
+        timeout=timeout,
+        what="the gateway workers to load the catalog",
+    )
+
+
+def _wait_stable(stack: Stack, ok, *, timeout: float, what: str) -> None:
+    """Workers converge independently (pub/sub, else polling): after the first success, keep
+    asking until 0.6 s (more than one poll interval) of consecutive successes.
+    """
+    state = {"since": None}
+
+    def converged() -> bool:
+        ok_now = ok()
+        now = time.monotonic()
+        if not ok_now:
+            state["since"] = None
+            return False
+        state["since"] = state["since"] or now
+        return now - state["since"] >= 0.6
+
+    wait_until(converged, timeout=timeout, what=what)

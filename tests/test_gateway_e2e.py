@@ -1,0 +1,229 @@
+"""End to end: the real gateway under gunicorn, a real upstream, a real Celery worker + beat."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import active_key, make_catalog, make_user, wait_for_config, wait_for_key
+from tests.procs import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def live(stack, transactional_db):
+    """The demo catalog pointing at the stack's upstream, loaded by every gateway worker."""
+    catalog = make_catalog(stack.upstream_port)
+    wait_for_config(stack)
+    return catalog
+
+
+@pytest.fixture
+def dev(transactional_db):
+    return make_user("dev@example.com")
+
+
+def _problem(resp, status: int, slug: str) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    body = resp.json()
+    assert body["type"] == f"urn:apigw:problem:{slug}"
+    assert body["status"] == status
+    assert body["request_id"] == resp.headers["x-request-id"]
+    return body
+
+
+def test_key_request_reaches_upstream_with_consumer_and_without_credential(stack, live, dev):
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    resp = stack.get(
+        "/demo/anything?color=red",
+        headers={
+            "X-API-Key": issued.key,
+            "X-Consumer-ID": "spoofed",
+            "X-Consumer-Plan": "enterprise",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    echo = resp.json()
+    assert echo["path"] == "/anything"
+    assert echo["query"] == {"color": "red"}
+    headers = {k.lower(): v for k, v in echo["headers"].items()}
+    assert "x-api-key" not in headers
+    assert issued.key not in resp.text
+    assert headers["x-consumer-id"] == str(issued.api_key.subscription.consumer_id)
+    assert headers["x-consumer-plan"] == "free"
+    assert headers["x-request-id"] == resp.headers["x-request-id"]
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert resp.headers["x-ratelimit-limit"] == "1000"
+
+
+def test_bearer_key_is_accepted_and_not_forwarded(stack, live, dev):
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    resp = stack.get("/demo/anything", headers={"Authorization": f"Bearer {issued.key}"})
+    assert resp.status_code == 200, resp.text
+    assert "authorization" not in {k.lower() for k in resp.json()["headers"]}
+
+
+def test_post_body_is_streamed_to_the_upstream(stack, live, dev):
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    body = b"x" * (3 * 1024 * 1024)
+
+    def chunks():
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    import requests
+
+    resp = requests.post(
+        stack.gateway_url + "/demo/upload",
+        data=chunks(),  # chunked transfer encoding from the client
+        headers={"X-API-Key": issued.key},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["body_size"] == len(body)
+
+
+def test_missing_key_is_401_with_challenge(stack, live):
+    resp = stack.get("/demo/anything")
+    body = _problem(resp, 401, "missing-credential")
+    assert "X-API-Key" in body["detail"]
+    assert resp.headers["www-authenticate"].startswith("ApiKey")
+
+
+@pytest.mark.parametrize(
+    "key", ["gw_000000000000_notarealsecret", "garbage", "gw_short_x", "gw_" + "a" * 300]
+)
+def test_unknown_or_malformed_key_is_401(stack, live, key):
+    _problem(stack.get("/demo/anything", headers={"X-API-Key": key}), 401, "invalid-credential")
+
+
+def test_wrong_secret_for_a_real_key_id_is_401(stack, live, dev):
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    forged = issued.key[: issued.key.rindex("_") + 1] + "A" * 32
+    _problem(stack.get("/demo/x", headers={"X-API-Key": forged}), 401, "invalid-credential")
+
+
+def test_unknown_path_is_404_problem(stack, live):
+    _problem(stack.get("/nowhere/at/all"), 404, "not-found")
+
+
+def test_pending_subscription_authorizes_nothing(stack, live, dev):
+    from portal.consumers import consumer_for_user
+    from portal.keys import key_issue
+    from portal.subscriptions import subscription_create
+
+    sub = subscription_create(consumer_for_user(dev), plan=live.pro)
+    assert sub.status == "pending"
+    issued = key_issue(sub, name="early")
+    wait_for_key(stack, issued.key)
+    body = _problem(stack.get("/demo/x", headers={"X-API-Key": issued.key}), 403, "forbidden")
+    assert "pending" in body["detail"]
+
+
+def test_revoked_key_is_rejected_within_two_seconds(stack, live, dev):
+    from portal.keys import key_revoke
+
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    assert stack.get("/demo/x", headers={"X-API-Key": issued.key}).status_code == 200
+    key_revoke(issued.api_key)
+    # The deadline is 2 s; 1 s of margin for a loaded CI machine.
+    took = wait_until(
+        lambda: stack.get("/demo/x", headers={"X-API-Key": issued.key}).status_code == 401,
+        timeout=3.0,
+        interval=0.02,
+        what="the revoked key to be rejected",
+    )
+    print(f"revoked key rejected after {took:.2f} s")
+
+
+def test_rate_limit_answers_429_with_retry_after(stack, live, dev):
+    from django.db import transaction
+
+    from gateway.config import config_bump
+
+    with transaction.atomic():
+        live.free.rate_limit_per_minute = 3
+        live.free.save()
+        config_bump(reason="tighter limit")
+    fresh = active_key(dev, live.free, name="fresh")
+    # Issued after `fresh`: once every worker knows `probe`, it knows `fresh` too, and the
+    # probing requests have not touched `fresh`'s limit.
+    from portal.keys import key_issue
+
+    probe = key_issue(fresh.api_key.subscription, name="probe")
+    wait_for_key(stack, probe.key)
+    statuses = [stack.get("/demo/x", headers={"X-API-Key": fresh.key}) for _ in range(5)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429, 429]
+    assert [r.headers["x-ratelimit-remaining"] for r in statuses[:3]] == ["2", "1", "0"]
+    body = _problem(statuses[3], 429, "rate-limited")
+    assert "3/minute" in body["detail"]
+    assert 1 <= int(statuses[3].headers["retry-after"]) <= 20
+
+
+def test_unreachable_upstream_is_502(stack, live, dev):
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from gateway.models import Target
+    from tests.procs import free_port
+
+    with transaction.atomic():
+        Target.objects.filter(upstream=live.upstream).update(port=free_port())
+        config_bump(reason="point at a closed port")
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    _problem(stack.get("/demo/x", headers={"X-API-Key": issued.key}), 502, "bad-gateway")
+
+
+def test_requests_become_raw_events_and_minute_rollups(stack, live, dev):
+    from django.db.models import Sum
+
+    from analytics.models import MinuteRollup, RequestEvent
+    from portal.models import ApiKey
+
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    key_header = {"X-API-Key": issued.key}
+    assert stack.get("/demo/a", headers=key_header).status_code == 200
+    assert stack.get("/demo/status/503", headers=key_header).status_code == 503
+    assert stack.get("/demo/b").status_code == 401
+    started = time.monotonic()
+
+    def rollup_counts() -> dict[int, int]:
+        rows = (
+            MinuteRollup.objects.filter(key_id=issued.api_key.pk)
+            .values("status_class")
+            .annotate(n=Sum("count"))
+        )
+        return {r["status_class"]: r["n"] for r in rows}
+
+    # wait_for_key made one or more 2xx calls too; at least the ones above must be counted.
+    wait_until(
+        lambda: rollup_counts().get(5) == 1 and rollup_counts().get(2, 0) >= 2,
+        timeout=30,
+        interval=0.2,
+        what="Celery to ingest the events into rollups\n" + stack.logs(),
+    )
+    print(f"events visible in rollups after {time.monotonic() - started:.1f} s")
+    events = RequestEvent.objects.filter(key_id=issued.api_key.pk)
+    assert events.filter(status=503).count() == 1
+    event = events.get(status=503)
+    assert event.api_id == live.api.pk
+    assert event.consumer_id == issued.api_key.subscription.consumer_id
+    assert event.route_path == "/"
+    wait_until(
+        lambda: RequestEvent.objects.filter(status=401, key_id__isnull=True).exists(),
+        timeout=30,
+        what="the anonymous 401 to be logged",
+    )
+    assert ApiKey.objects.get(pk=issued.api_key.pk).last_used_at is not None
+    total = MinuteRollup.objects.aggregate(n=Sum("count"))["n"]
+    assert total == RequestEvent.objects.count()  # every event counted exactly once
