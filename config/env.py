@@ -86,8 +86,9 @@ def parse_database_url(name: str, raw: str) -> DatabaseUrl:
             options=options,
         )
     if scheme == "sqlite":
-        path = unquote(parts.path)
-        if not path or path == "/":
+        # sqlite:////abs/path.db is an absolute path, sqlite:///rel.db a relative one.
+        path = unquote(parts.path)[1:]
+        if not path or parts.netloc:
             raise ImproperlyConfigured(f"{name} must give a file path: sqlite:////abs/path.db")
         return DatabaseUrl(engine="django.db.backends.sqlite3", name=path)
     raise ImproperlyConfigured(

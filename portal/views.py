@@ -112,7 +112,8 @@ def key_create(request: HttpRequest) -> HttpResponse:
         actor=request.user,
         expires_at=form.cleaned_data["expires_at"],
     )
-    response = render(
+    # never_cache: the page holds the only copy of the key; no cache may keep it.
+    return render(
         request,
         "portal/key_created.html",
         {
@@ -121,8 +122,6 @@ def key_create(request: HttpRequest) -> HttpResponse:
             "apis": issued.api_key.subscription.plan.apis.all(),
         },
     )
-    response["Cache-Control"] = "no-store"
-    return response
 
 
 def _form_errors(form) -> str:

@@ -17,6 +17,16 @@ PASSWORD = "correct-horse-battery-staple-42"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Throttle counters (django-ratelimit, allauth) must not leak between tests."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
 def make_user(email: str, *, verified: bool = True, password: str = PASSWORD):
     from allauth.account.models import EmailAddress
 
@@ -102,6 +112,35 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n{p.output()[-3000:]}" for n, p in self.procs.items())
+
+    def ingest_backlog(self) -> int:
+        """Events shipped by the gateway that Celery has not finished ingesting."""
+        from django.conf import settings
+
+        if settings.REDIS_URL:
+            import redis
+
+            client = redis.Redis.from_url(settings.REDIS_URL)
+            try:
+                stream = settings.GATEWAY["LOG_STREAM"]
+                if not client.exists(stream):
+                    return 0
+                groups = client.xinfo_groups(stream)
+                pending = sum(g["pending"] for g in groups)
+                return client.xlen(stream) + pending
+            finally:
+                client.close()
+        return len(list((Path(self.env["VAR_DIR"]) / "spool").glob("[0-9]*.jsonl")))
+
+    def wait_ingest_idle(self, timeout: float = 30) -> None:
+        """Wait until the log pipeline is drained, so that no ingest transaction is open when
+        the test database is flushed (TRUNCATE against an open ingest could deadlock)."""
+        _wait_stable(
+            self,
+            lambda: self.ingest_backlog() == 0,
+            timeout=timeout,
+            what="the log pipeline to drain",
+        )
 
 
 def _database_url() -> str:

@@ -18,7 +18,7 @@ from email.utils import formatdate
 import aiohttp
 
 from gateway.dataplane.context import LocalResponse, RequestContext
-from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter
+from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redis_client
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
 from gateway.dataplane.problems import problem
 from gateway.dataplane.router import MethodNotAllowed, normalize_path
@@ -106,14 +106,7 @@ class GatewayApp:
         self.buffer = EventBuffer(capacity=s.log_buffer_size, batch_size=s.log_batch_size)
         self.log_stage = LogStage(buffer=self.buffer)
         if s.redis_url:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(
-                s.redis_url,
-                socket_timeout=s.redis_timeout,
-                socket_connect_timeout=s.redis_timeout,
-                health_check_interval=30,
-            )
+            self._redis = redis_client(s.redis_url, timeout=s.redis_timeout)
             self.limiter = RedisLimiter(self._redis)
             sink = RedisStreamSink(self._redis, s.log_stream)
         else:

@@ -187,6 +187,25 @@ return result
 """
 
 
+def redis_client(url: str, *, timeout: float, pool_size: int = 64):
+    """An asyncio Redis client whose requests wait (up to `timeout`) for a free connection.
+
+    redis-py's default pool raises "Too many connections" past 100 concurrent commands, which
+    under load would turn into failing open; a blocking pool queues instead.
+    """
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
 class RedisLimiter:
     """Shared store: all of a request's limits in one EVALSHA round trip.
 

@@ -1,0 +1,113 @@
+"""Business rules of keys, subscriptions and config versions, against the real database."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import transaction
+
+from gateway.config import config_bump, config_current_version
+from portal.consumers import consumer_for_user
+from portal.keys import key_digest, key_issue, key_parse, key_revoke
+from portal.models import ApiKey, AuditEvent, Subscription
+from portal.subscriptions import (
+    SubscriptionError,
+    subscription_approve,
+    subscription_cancel,
+    subscription_create,
+    subscription_reject,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def test_free_plan_subscription_is_active_at_once(developer, catalog):
+    before = config_current_version()
+    sub = subscription_create(consumer_for_user(developer), plan=catalog.free, actor=developer)
+    assert sub.status == Subscription.Status.ACTIVE
+    assert config_current_version() > before
+    assert AuditEvent.objects.filter(action="subscription_create").exists()
+
+
+def test_subscribing_twice_returns_the_open_subscription(developer, catalog):
+    consumer = consumer_for_user(developer)
+    first = subscription_create(consumer, plan=catalog.free)
+    assert subscription_create(consumer, plan=catalog.free) == first
+    assert Subscription.objects.filter(consumer=consumer).count() == 1
+
+
+def test_plan_needing_approval_leaves_subscription_pending_until_approved(developer, catalog):
+    sub = subscription_create(consumer_for_user(developer), plan=catalog.pro)
+    assert sub.status == Subscription.Status.PENDING
+    sub = subscription_approve(sub)
+    assert sub.status == Subscription.Status.ACTIVE
+    assert sub.decided_at is not None
+    with pytest.raises(SubscriptionError):
+        subscription_reject(sub)
+
+
+def test_rejected_and_cancelled_subscriptions(developer, catalog):
+    consumer = consumer_for_user(developer)
+    rejected = subscription_reject(subscription_create(consumer, plan=catalog.pro))
+    assert rejected.status == Subscription.Status.REJECTED
+    again = subscription_create(consumer, plan=catalog.pro)  # may ask again after a rejection
+    assert again.pk != rejected.pk
+    assert subscription_cancel(again).status == Subscription.Status.CANCELLED
+
+
+def test_issued_key_is_shown_once_and_stored_only_as_a_keyed_hash(developer, catalog):
+    sub = subscription_create(consumer_for_user(developer), plan=catalog.free)
+    issued = key_issue(sub, name="ci")
+    key = issued.key
+    assert key.startswith("gw_")
+    assert key_parse(key) == issued.api_key.key_id
+    row = ApiKey.objects.get(pk=issued.api_key.pk)
+    assert row.digest == key_digest(key)
+    assert len(row.digest) == 64
+    secret = key.split("_", 2)[2]  # the secret itself may contain "_"
+    assert len(secret) >= 32  # 24 random bytes = 192 bits
+    for field in ApiKey._meta.concrete_fields:
+        value = str(getattr(row, field.attname))
+        assert key not in value
+        assert secret not in value
+    assert row.prefix == f"gw_{row.key_id}"
+
+
+def test_keys_are_unique(developer, catalog):
+    sub = subscription_create(consumer_for_user(developer), plan=catalog.free)
+    keys = {key_issue(sub, name=f"k{i}").key for i in range(20)}
+    assert len(keys) == 20
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "gw_", "gw_abc_def", "xx_0123456789ab_secret", "gw_0123456789ab_", "gw_" + "a" * 200],
+)
+def test_malformed_keys_do_not_parse(raw):
+    assert key_parse(raw) is None
+
+
+def test_revoking_a_key_bumps_the_config_and_is_idempotent(developer, catalog):
+    sub = subscription_create(consumer_for_user(developer), plan=catalog.free)
+    issued = key_issue(sub, name="ci")
+    before = config_current_version()
+    revoked = key_revoke(issued.api_key, actor=developer)
+    assert revoked.revoked_at is not None
+    assert config_current_version() == before + 1
+    key_revoke(issued.api_key)
+    assert config_current_version() == before + 1
+    from django.utils import timezone
+
+    assert not revoked.is_usable(timezone.now())
+
+
+def test_config_bump_refuses_to_run_outside_a_transaction(transactional_db):
+    with pytest.raises(RuntimeError, match="inside the transaction"):
+        config_bump(reason="stray")
+
+
+def test_config_bump_rolls_back_with_its_transaction(db):
+    before = config_current_version()
+    with pytest.raises(ZeroDivisionError), transaction.atomic():
+        config_bump(reason="doomed")
+        1 / 0  # noqa: B018
+    assert config_current_version() == before

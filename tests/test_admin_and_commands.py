@@ -1,0 +1,151 @@
+"""Django admin pages and actions; management commands."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+
+from gateway.config import config_current_version
+from gateway.models import Api, Upstream
+from portal.keys import key_digest
+from portal.models import ApiKey, Plan, Subscription, User
+from tests.conftest import active_key
+
+pytestmark = pytest.mark.django_db
+
+MODELS = [
+    "gateway/api",
+    "gateway/route",
+    "gateway/upstream",
+    "gateway/target",
+    "gateway/configversion",
+    "portal/plan",
+    "portal/apikey",
+    "portal/subscription",
+    "portal/organization",
+    "portal/consumer",
+    "portal/user",
+    "portal/auditevent",
+    "analytics/requestevent",
+    "analytics/minuterollup",
+]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_admin_changelists_render_with_search(admin_client, developer, catalog, model):
+    active_key(developer, catalog.free)
+    url = f"/admin/{model}/"
+    assert admin_client.get(url).status_code == 200
+    assert admin_client.get(url, {"q": "demo"}).status_code == 200
+
+
+def test_admin_revoke_action_revokes_and_bumps_the_config(admin_client, developer, catalog):
+    issued = active_key(developer, catalog.free)
+    before = config_current_version()
+    resp = admin_client.post(
+        reverse("admin:portal_apikey_changelist"),
+        {"action": "revoke", "_selected_action": [issued.api_key.pk]},
+    )
+    assert resp.status_code == 302
+    assert ApiKey.objects.get(pk=issued.api_key.pk).revoked_at is not None
+    assert config_current_version() == before + 1
+
+
+def test_admin_approves_pending_subscriptions(admin_client, developer, catalog):
+    from portal.consumers import consumer_for_user
+    from portal.subscriptions import subscription_create
+
+    sub = subscription_create(consumer_for_user(developer), plan=catalog.pro)
+    admin_client.post(
+        reverse("admin:portal_subscription_changelist"),
+        {"action": "approve", "_selected_action": [sub.pk]},
+    )
+    assert Subscription.objects.get(pk=sub.pk).status == "active"
+
+
+def test_admin_edit_of_an_api_bumps_the_config(admin_client, catalog):
+    before = config_current_version()
+    api = catalog.api
+    resp = admin_client.post(
+        reverse("admin:gateway_api_change", args=[api.pk]),
+        {
+            "name": "Demo renamed",
+            "slug": api.slug,
+            "description": "",
+            "path_prefix": "/demo",
+            "upstream": api.upstream_id,
+            "is_published": "on",
+            "key_header": "X-API-Key",
+            "routes-TOTAL_FORMS": "0",
+            "routes-INITIAL_FORMS": "0",
+        },
+    )
+    assert resp.status_code == 302, resp.content[:2000]
+    assert Api.objects.get(pk=api.pk).name == "Demo renamed"
+    assert config_current_version() == before + 1
+
+
+def test_admin_refuses_a_bad_path_prefix_with_a_message(admin_client, catalog):
+    resp = admin_client.post(
+        reverse("admin:gateway_api_add"),
+        {
+            "name": "Bad",
+            "slug": "bad",
+            "path_prefix": "no-slash/",
+            "upstream": catalog.upstream.pk,
+            "key_header": "X-API-Key",
+            "routes-TOTAL_FORMS": "0",
+            "routes-INITIAL_FORMS": "0",
+        },
+    )
+    assert resp.status_code == 200
+    assert b"starts with" in resp.content.lower() or b"start with" in resp.content.lower()
+
+
+def test_createapikey_creates_user_subscribes_and_prints_a_key_once(catalog):
+    out = io.StringIO()
+    call_command("createapikey", email="Script@Example.com", plan="free", stdout=out)
+    key = out.getvalue().strip()
+    user = User.objects.get(email="Script@example.com")
+    row = ApiKey.objects.get(subscription__consumer__user=user)
+    assert row.digest == key_digest(key)
+    out2 = io.StringIO()
+    call_command("createapikey", email="script@example.com", plan="free", stdout=out2)
+    assert out2.getvalue().strip() != key
+    assert User.objects.filter(email__iexact="script@example.com").count() == 1
+    assert Subscription.objects.filter(consumer__user=user).count() == 1
+
+
+def test_createapikey_refuses_unknown_plan_and_unapproved_plan(catalog):
+    with pytest.raises(CommandError, match="No plan 'gold'"):
+        call_command("createapikey", email="a@example.com", plan="gold")
+    with pytest.raises(CommandError, match="needs approval"):
+        call_command("createapikey", email="a@example.com", plan="pro")
+    out = io.StringIO()
+    call_command("createapikey", email="a@example.com", plan="pro", approve=True, stdout=out)
+    assert out.getvalue().startswith("gw_")
+
+
+def test_seeddemo_is_idempotent(monkeypatch):
+    monkeypatch.setenv("ADMIN_PASSWORD", "a-long-admin-password-1")
+    out = io.StringIO()
+    call_command("seeddemo", stdout=out)
+    assert "a-long-admin-password-1" not in out.getvalue()  # taken from env: not printed
+    call_command("seeddemo", stdout=io.StringIO())
+    assert Api.objects.count() == 1
+    assert Upstream.objects.count() == 1
+    assert set(Plan.objects.values_list("slug", flat=True)) == {"free", "pro"}
+    assert User.objects.get(username="admin").check_password("a-long-admin-password-1")
+
+
+def test_seeddemo_prints_a_generated_admin_password_once(monkeypatch):
+    monkeypatch.delenv("ADMIN_PASSWORD", raising=False)
+    out = io.StringIO()
+    call_command("seeddemo", stdout=out)
+    assert "Admin account created: admin / " in out.getvalue()
+    again = io.StringIO()
+    call_command("seeddemo", stdout=again)
+    assert "Admin account created" not in again.getvalue()

@@ -1,0 +1,227 @@
+"""In a real headless Chromium: sign up, verify, subscribe, create a key, call the gateway,
+watch the usage chart fill up from the Celery rollups, revoke the key.
+
+The portal runs in-process (pytest-django's `live_server`, so `mail.outbox` holds the
+verification email); the gateway, upstream, Celery worker and beat are the real `stack`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+
+import pytest
+import requests
+
+from tests.conftest import ARTIFACTS, make_catalog, wait_for_config, wait_for_key
+from tests.procs import wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+EMAIL = "browser-dev@example.com"
+STRONG_PASSWORD = "Tangerine-Lighthouse-Orbit-97"
+KEY_RE = re.compile(r"^gw_[0-9a-f]{12}_[A-Za-z0-9_-]{32}$")
+CONFIRM_RE = re.compile(r"https?://\S+/accounts/confirm-email/[^\s/]+/")
+
+
+@pytest.fixture
+def live_catalog(stack, transactional_db):
+    """The demo catalog pointing at the stack's upstream, loaded by every gateway worker."""
+    catalog = make_catalog(stack.upstream_port)
+    wait_for_config(stack)
+    return catalog
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_signup_to_usage_chart_to_revocation(live_server, stack, live_catalog, mailoutbox):
+    from playwright.sync_api import expect, sync_playwright
+
+    started = time.monotonic()
+    problems: list[str] = []  # console errors and uncaught page errors, on every page
+
+    # No ORM calls from here on: Playwright's sync API runs an event loop in this thread,
+    # and the live server (its own thread) does all the database work.
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.set_default_timeout(10_000)
+            page = context.new_page()
+            page.on(
+                "console",
+                lambda msg: (
+                    problems.append(f"console {msg.type} on {page.url}: {msg.text}")
+                    if msg.type == "error"
+                    else None
+                ),
+            )
+            page.on("pageerror", lambda exc: problems.append(f"pageerror on {page.url}: {exc}"))
+            page.on(
+                "response",
+                lambda resp: (
+                    problems.append(f"HTTP {resp.status} for {resp.url}")
+                    if resp.status >= 400
+                    else None
+                ),
+            )
+            dialogs: list[str] = []
+
+            def accept(dialog) -> None:
+                dialogs.append(dialog.message)
+                dialog.accept()
+
+            page.on("dialog", accept)
+
+            # 1. Home -> Sign up -> register.
+            page.goto(live_server.url + "/")
+            expect(page.get_by_role("heading", name="Build on our APIs")).to_be_visible()
+            page.locator("header nav").get_by_role("link", name="Sign up").click()
+            expect(page).to_have_url(re.compile(r"/accounts/signup/$"))
+            page.fill("input[name=email]", EMAIL)
+            page.fill("input[name=password1]", STRONG_PASSWORD)
+            page.fill("input[name=password2]", STRONG_PASSWORD)
+            _shot(page, "signup")
+            page.get_by_role("button", name="Sign Up").click()
+
+            # 2. Not usable before verification.
+            expect(
+                page.get_by_text("We have sent an email to you for verification")
+            ).to_be_visible()
+            expect(page.locator("header nav").get_by_role("link", name="Sign in")).to_be_visible()
+            page.goto(live_server.url + "/dashboard/")
+            expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/dashboard/$"))
+
+            assert len(mailoutbox) == 1, [m.subject for m in mailoutbox]
+            assert mailoutbox[0].to == [EMAIL]
+            match = CONFIRM_RE.search(mailoutbox[0].body)
+            assert match, mailoutbox[0].body
+            page.goto(match.group(0))
+            expect(page.get_by_role("heading", name="Confirm Email Address")).to_be_visible()
+            page.get_by_role("button", name="Confirm").click()
+            page.wait_for_load_state()
+            if "/accounts/login/" in page.url:  # not logged in on confirmation: sign in
+                page.fill("input[name=login]", EMAIL)
+                page.fill("input[name=password]", STRONG_PASSWORD)
+                page.get_by_role("button", name="Sign In").click()
+            expect(page).to_have_url(re.compile(r"/dashboard/$"))
+            expect(page.get_by_role("button", name=f"Sign out ({EMAIL})")).to_be_visible()
+
+            # 3. Subscribe to Free, create a key, see it exactly once.
+            page.locator("header nav").get_by_role("link", name="Plans").click()
+            page.locator("button[data-plan=free]").click()
+            expect(page).to_have_url(re.compile(r"/dashboard/$"))
+            expect(page.locator(".messages")).to_contain_text("You are subscribed to Free")
+            form = page.locator("form#key-create")
+            form.locator("input[name=name]").fill("browser-key")
+            expect(form.locator("select[name=subscription] option")).to_have_text(["Free"])
+            form.get_by_role("button", name="Create key").click()
+            expect(page.get_by_role("heading", name="Your new API key")).to_be_visible()
+            key = page.locator("#new-key").inner_text().strip()
+            assert KEY_RE.match(key), key
+            _shot(page, "key-created")
+            # gw_<key_id>_<secret>; the secret is urlsafe base64 and may itself contain "_".
+            prefix, secret = key[:15], key[16:]
+
+            page.get_by_role("link", name="Back to the dashboard").click()
+            expect(page).to_have_url(re.compile(r"/dashboard/$"))
+            row = page.locator("table.keys tbody tr", has_text="browser-key")
+            expect(row).to_have_count(1)
+            expect(row.locator("code")).to_have_text(prefix + "…")
+            expect(row.locator(".badge")).to_have_text("active")
+            html = page.content()
+            assert key not in html
+            assert secret not in html  # not even the secret part
+
+            # 4. Call the gateway with the key.
+            wait_for_key(stack, key)
+            for i in range(5):
+                resp = requests.get(
+                    stack.gateway_url + f"/demo/anything?n={i}",
+                    headers={"X-API-Key": key},
+                    timeout=10,
+                )
+                assert resp.status_code == 200, resp.text
+
+            # 5. Usage page: gateway log -> Celery ingest -> rollup -> chart.
+            row.get_by_role("link", name="Usage").click()
+            expect(
+                page.get_by_role("heading", name=re.compile("Usage of .browser-key."))
+            ).to_be_visible()
+            # Events arrive in batches: wait until at least our 5 calls are counted (the
+            # wait_for_key probes count as well, so the total can be higher).
+            try:
+                page.wait_for_function(
+                    "Number(document.getElementById('usage-total').textContent) >= 5",
+                    timeout=30_000,
+                    polling=250,
+                )
+            except Exception as exc:
+                _shot(page, "usage-chart-timeout")
+                raise AssertionError(f"usage never showed up: {exc}\n{stack.logs()}") from exc
+            total = int(page.locator("#usage-total").inner_text())
+            assert total >= 5, total
+            expect(page.locator("#usage-empty")).to_be_hidden()
+            chart = page.evaluate(
+                """() => {
+                    const c = window.usageChart;
+                    if (!c) return null;
+                    const sum = (label) => (c.data.datasets.find((d) => d.label === label)
+                        || {data: []}).data.reduce((a, b) => a + b, 0);
+                    return {
+                        type: c.config.type,
+                        width: c.canvas.width,
+                        height: c.canvas.height,
+                        labels: c.data.labels.length,
+                        ok: sum("2xx"),
+                    };
+                }"""
+            )
+            assert chart is not None, "window.usageChart is not defined: Chart.js did not run"
+            assert chart["type"] == "bar"
+            assert chart["width"] > 0 and chart["height"] > 0, chart
+            assert chart["labels"] == 60, chart
+            assert chart["ok"] >= 5, chart
+            _shot(page, "usage-chart")
+
+            # 6. Revoke from the dashboard (JS confirm), the gateway answers 401 within 3 s.
+            page.locator("header nav").get_by_role("link", name="Dashboard").click()
+            row.get_by_role("button", name="Revoke").click()
+            expect(page.locator(".messages")).to_contain_text(f"Key {prefix}… is revoked.")
+            assert dialogs == ["Revoke this key? Calls with it will fail within seconds."]
+            expect(row.locator(".badge")).to_have_text("revoked")
+            expect(row.get_by_role("button", name="Revoke")).to_have_count(0)
+            took = wait_until(
+                lambda: (
+                    requests.get(
+                        stack.gateway_url + "/demo/anything", headers={"X-API-Key": key}, timeout=2
+                    ).status_code
+                    == 401
+                ),
+                timeout=3.0,
+                interval=0.05,
+                what="the revoked key to be rejected by the gateway",
+            )
+            _shot(page, "dashboard-after-revoke")
+            context.close()
+        finally:
+            browser.close()
+
+    assert not problems, "\n".join(problems)
+    print(
+        f"\nbrowser test: usage total {total}, revoked key rejected after {took:.2f} s, "
+        f"{time.monotonic() - started:.1f} s in all"
+    )

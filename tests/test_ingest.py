@@ -1,0 +1,128 @@
+"""Log ingest: at least once in, exactly once counted; rollups read by the charts."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from django.conf import settings
+from django.db.models import Sum
+
+from analytics.ingest import ingest_batch, ingest_spool, ingest_stream
+from analytics.models import MinuteRollup, RequestEvent
+from analytics.selectors import key_usage_series
+from portal.models import ApiKey
+from tests.conftest import active_key
+
+pytestmark = pytest.mark.django_db
+
+NOW = time.time()
+
+
+def event(key_id: int | None = None, status: int = 200, t: float = NOW, **kw) -> dict:
+    return {
+        "id": uuid.uuid4().hex,
+        "t": t,
+        "api": 1,
+        "route": 1,
+        "route_path": "/",
+        "consumer": 1,
+        "key": key_id,
+        "org": None,
+        "method": "GET",
+        "status": status,
+        "ms": 2.5,
+        "up_ms": 1.5,
+        "in": 10,
+        "out": 100,
+        "err": "",
+        **kw,
+    }
+
+
+def rollup_total() -> int:
+    return MinuteRollup.objects.aggregate(n=Sum("count"))["n"] or 0
+
+
+def test_a_batch_is_stored_and_rolled_up_per_minute_and_status_class():
+    batch = [event(7), event(7), event(7, status=404), event(8, status=502)]
+    assert ingest_batch(batch) == 4
+    assert RequestEvent.objects.count() == 4
+    by_class = dict(
+        MinuteRollup.objects.filter(key_id=7).values_list("status_class").annotate(n=Sum("count"))
+    )
+    assert by_class == {2: 2, 4: 1}
+    row = MinuteRollup.objects.get(key_id=7, status_class=2)
+    assert row.bytes_out == 200
+    assert row.latency_ms_sum == pytest.approx(5.0)
+
+
+def test_a_redelivered_batch_changes_nothing():
+    batch = [event(7) for _ in range(5)]
+    assert ingest_batch(batch) == 5
+    assert ingest_batch(batch) == 0
+    assert ingest_batch(batch[:2] + [event(7)]) == 1  # partly seen: only the new one counts
+    assert RequestEvent.objects.count() == 6
+    assert rollup_total() == 6
+
+
+def test_malformed_events_are_skipped_not_fatal():
+    assert ingest_batch([{"nope": 1}, event(7), {"id": "x", "t": "soon", "status": 200}]) == 1
+
+
+def test_last_used_is_set_from_the_log(developer, catalog):
+    issued = active_key(developer, catalog.free)
+    t = NOW - 30
+    ingest_batch([event(issued.api_key.pk, t=t)])
+    last = ApiKey.objects.get(pk=issued.api_key.pk).last_used_at
+    assert last == datetime.fromtimestamp(t, UTC)
+    ingest_batch([event(issued.api_key.pk, t=t - 100)])  # older events do not move it back
+    assert ApiKey.objects.get(pk=issued.api_key.pk).last_used_at == last
+
+
+def test_spool_files_are_removed_only_after_ingest(tmp_path):
+    (tmp_path / "00000000000000000001-1-00000001.jsonl").write_text(
+        "\n".join(json.dumps(event(3)) for _ in range(3)) + "\nnot json\n"
+    )
+    (tmp_path / ".00000000000000000002-1-00000002.jsonl.tmp").write_text(json.dumps(event(3)))
+    assert ingest_spool(tmp_path) == 3
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert remaining == [".00000000000000000002-1-00000002.jsonl.tmp"]  # half-written: left
+
+
+def test_usage_series_fills_gaps_and_reads_rollups():
+    now = datetime.now(UTC)
+    ingest_batch([event(5, t=now.timestamp()), event(5, status=500, t=now.timestamp())])
+    usage = key_usage_series(5, minutes=10, now=now)
+    assert len(usage["labels"]) == 10
+    assert usage["series"]["2xx"][-1] == 1
+    assert usage["series"]["5xx"][-1] == 1
+    assert sum(usage["series"]["2xx"][:-1]) == 0
+    assert usage["total"] == 2
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL not set")
+def test_stream_entries_are_acknowledged_after_commit_and_redelivery_counts_once():
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stream = f"test:events:{uuid.uuid4().hex}"
+    try:
+        events = [event(4) for _ in range(3)]
+        for e in events:
+            client.xadd(stream, {"e": json.dumps(e)})
+        assert ingest_stream(client, stream) == 3
+        assert client.xlen(stream) == 0  # acknowledged and deleted
+        pending = client.xpending(stream, "ingest")
+        assert pending["pending"] == 0
+        # The same events shipped again (a gateway retry): nothing is counted twice.
+        for e in events:
+            client.xadd(stream, {"e": json.dumps(e)})
+        assert ingest_stream(client, stream) == 0
+        assert rollup_total() == 3
+    finally:
+        client.delete(stream)
+        client.close()
