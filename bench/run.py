@@ -641,24 +641,26 @@ def render(
         f"- Total runtime: {runtime_s:.0f} s",
         "",
         f"## Throughput: wrk -t1 -c{args.connections} -d{args.duration:g}s --latency, "
-        f"{args.rounds} rounds",
+        f"{args.rounds} round(s)",
         "",
-        "| target | rps median | p50 | p99 | ratio vs direct |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| target | rps median | p50 | p99 | ratio vs direct | ratio vs nginx |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     by_target: dict[str, list[WrkResult]] = {t.name: [] for t in targets}
     for r in runs:
         by_target[r.target].append(r)
     direct_rps = median([r.rps for r in by_target["direct"]]) if by_target["direct"] else None
+    nginx_rps = median([r.rps for r in by_target["nginx"]]) if by_target["nginx"] else None
     for t in targets:
         rs = by_target[t.name]
         if not rs:
             continue
         rps = median([r.rps for r in rs])
         ratio = f"{rps / direct_rps:.3f}" if direct_rps else "–"
+        ratio_nginx = f"{rps / nginx_rps:.3f}" if nginx_rps else "–"
         out.append(
             f"| {t.name} | {rps:,.0f} | {ms(median([r.p50_ms for r in rs]))} | "
-            f"{ms(median([r.p99_ms for r in rs]))} | {ratio} |"
+            f"{ms(median([r.p99_ms for r in rs]))} | {ratio} | {ratio_nginx} |"
         )
     out += [
         "",
@@ -669,8 +671,9 @@ def render(
         f"answer arrives); *p50*/*p99* are the medians over rounds of wrk's --latency "
         f"percentiles at that saturation load, so they include queueing behind the "
         f"{args.connections} connections, not the latency an unloaded request sees; *ratio vs "
-        "direct* is rps divided by the direct rps. The direct upstream shares its core with "
-        "wrk, so *direct* is bounded by that core rather than by nginx alone.",
+        "direct* / *vs nginx* is rps divided by the direct / nginx rps. The direct upstream "
+        "shares its core with wrk, so *direct* (and nginx, which also loads the upstream) is "
+        "bounded by that core rather than by nginx alone: see *core busy* below.",
         "",
         "### Every run (order rotated each round)",
         "",
@@ -743,7 +746,8 @@ def render(
                 "load core) sends request i at t0 + i/rate whatever the earlier answers do, and "
                 "times each request from that intended send time to the end of its body, so "
                 "client lag and server queueing both count (no coordinated omission). The "
-                "client's own cost (~100-200 µs of Python per request) is in every number; "
+                "client's own cost (Python, and a ~1 ms timer granularity that makes some sends "
+                "late) is in every number, so differences below ~0.1 ms are noise; "
                 "*added p50/p99* = the target's percentile minus the direct upstream's at the "
                 "same rate, which cancels most of it: that is the latency the hop adds. "
                 "Percentiles of a difference are not the difference of percentiles; at p99 "

@@ -228,3 +228,24 @@ def test_requests_become_raw_events_and_minute_rollups(stack, live, dev):
     assert ApiKey.objects.get(pk=issued.api_key.pk).last_used_at is not None
     total = MinuteRollup.objects.aggregate(n=Sum("count"))["n"]
     assert total == RequestEvent.objects.count()  # every event counted exactly once
+
+
+def test_quota_used_through_the_gateway_is_visible_to_the_portal(stack, live, dev):
+    from portal.selectors import quota_usage
+
+    counted = active_key(dev, live.free, name="counted")
+    # A probe on another subscription, issued later: once every worker knows it, they know
+    # `counted` too, and probing has not used `counted`'s quota.
+    probe = active_key(make_user("probe@example.com"), live.free, name="probe")
+    wait_for_key(stack, probe.key)
+    for _ in range(3):
+        assert stack.get("/demo/q", headers={"X-API-Key": counted.key}).status_code == 200
+    sub = counted.api_key.subscription
+    # Embedded: the gateway persists its counters every second; Redis: read where they live.
+    wait_until(
+        lambda: quota_usage(sub).used == 3,
+        timeout=10,
+        what="the portal to see 3 requests of quota used",
+    )
+    usage = quota_usage(sub)
+    assert (usage.limit, usage.remaining) == (10_000, 9_997)

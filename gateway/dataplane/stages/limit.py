@@ -8,6 +8,9 @@ from gateway.dataplane.pipeline import Stage
 from gateway.dataplane.problems import problem
 
 
+_ADJECTIVE = {"day": "daily", "month": "monthly"}
+
+
 class LimitStage(Stage):
     name = "limit"
 
@@ -29,7 +32,8 @@ class LimitStage(Stage):
         if rule is not None and rule.kind == "quota":
             return problem(
                 "quota-exhausted",
-                f"The {rule.period}ly quota of {rule.limit} requests is used up.",
+                f"The {_ADJECTIVE.get(rule.period, rule.period)} quota of {rule.limit} "
+                "requests is used up.",
                 request_id=ctx.request_id,
                 headers=headers,
                 limit=f"quota {rule.limit}/{rule.period}",

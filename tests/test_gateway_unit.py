@@ -1,0 +1,75 @@
+"""The data plane in process: snapshot compilation and quota counter persistence."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.dataplane.app import GatewayApp
+from gateway.dataplane.limiter import MemoryLimiter
+from gateway.dataplane.settings import load_settings
+from gateway.dataplane.snapshot import compile_snapshot, load_config
+from portal.keys import key_revoke
+from portal.models import QuotaCounter
+from tests.conftest import active_key
+
+pytestmark = pytest.mark.django_db
+
+
+def _app() -> GatewayApp:
+    app = GatewayApp(load_settings())
+    app.limiter = MemoryLimiter()
+    return app
+
+
+def test_snapshot_holds_routes_and_usable_keys_only(developer, catalog):
+    live = active_key(developer, catalog.free, name="live")
+    gone = active_key(developer, catalog.free, name="gone")
+    key_revoke(gone.api_key)
+    app = _app()
+    apis, keys = load_config(1)
+    snap = compile_snapshot(1, apis, keys, app._compile_route)
+    assert set(snap.keys) == {live.api_key.key_id}
+    entry = snap.keys[live.api_key.key_id]
+    assert entry.plan_slug == "free"
+    assert catalog.api.pk in entry.api_ids
+    assert {r.kind for r in entry.limits} == {"rate", "quota"}
+    route = snap.router.match("GET", "/demo/anything")
+    assert route.api_slug == "demo"
+    assert [s.name for s in route.stages] == ["authenticate", "authorize", "limit"]
+
+
+def test_embedded_quota_counters_are_saved_and_loaded_after_a_restart(developer, catalog):
+    issued = active_key(developer, catalog.free)
+    app = _app()
+    apis, keys = load_config(1)
+    rules = keys[issued.api_key.key_id].limits
+    import time
+
+    now = time.time()
+    for _ in range(4):
+        assert app.limiter.check_sync(rules, now).allowed
+    app._save_counters()
+    assert QuotaCounter.objects.get(subscription=issued.api_key.subscription).used == 4
+    restarted = _app()
+    restarted._load_counters()
+    quota_rule = next(r for r in rules if r.kind == "quota")
+    d = restarted.limiter.check_sync((quota_rule,), now)
+    assert d.remaining == quota_rule.limit - 5
+
+
+def test_app_answers_503_problem_before_any_configuration(db):
+    app = GatewayApp(load_settings())
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "client": None}
+    asyncio.run(app.handle_http(scope, receive, send))
+    assert sent[0]["status"] == 503
+    assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
