@@ -8,7 +8,6 @@ therefore changes nothing the second time.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from analytics.models import MinuteRollup, RequestEvent
+from gateway.dataplane.logship import decode_batch
 from portal.models import ApiKey
 
 log = logging.getLogger("analytics.ingest")
@@ -42,6 +42,7 @@ _RAW_COLUMNS = (
     "bytes_out",
     "error_kind",
 )
+BAD_SUFFIX = ".unreadable"
 _CHUNK = 500  # rows per INSERT: 500 x 15 parameters stays under SQLite's variable limit
 
 
@@ -198,17 +199,18 @@ def ingest_spool(directory: str | Path, *, max_files: int = 200) -> int:
     if not directory.is_dir():
         return 0
     total = 0
-    for path in sorted(directory.glob("[0-9]*.jsonl"))[:max_files]:
+    for path in sorted(directory.glob("[0-9]*.json"))[:max_files]:
         try:
-            lines = path.read_bytes().splitlines()
+            raw = path.read_bytes()
         except FileNotFoundError:
             continue  # another ingester finished it
-        batch = []
-        for line in lines:
-            try:
-                batch.append(json.loads(line))
-            except ValueError:
-                log.warning("skipping unreadable line in %s", path.name)
+        try:
+            batch = decode_batch(raw)
+        except ValueError:
+            # Kept aside for a person to look at, never silently deleted.
+            log.error("unreadable spool file %s moved to %s", path.name, BAD_SUFFIX)
+            path.rename(path.with_name(path.name + BAD_SUFFIX))
+            continue
         total += ingest_batch(batch)
         path.unlink(missing_ok=True)
     return total
@@ -253,12 +255,12 @@ def _ingest_entries(client, stream: str, group: str, entries) -> int:
     for entry_id, fields in entries:
         ids.append(entry_id)
         if not fields:
-            continue
-        raw = fields.get(b"e") or fields.get("e")
+            continue  # deleted while pending
+        raw = fields.get(b"batch") or fields.get("batch")
         try:
-            batch.append(json.loads(raw))
+            batch.extend(decode_batch(raw))
         except (TypeError, ValueError):
-            log.warning("skipping unreadable stream entry %s", entry_id)
+            log.error("skipping unreadable stream entry %s", entry_id)
     n = ingest_batch(batch)
     pipe = client.pipeline(transaction=False)
     pipe.xack(stream, group, *ids)

@@ -130,7 +130,7 @@ class Stack:
                 return client.xlen(stream) + pending
             finally:
                 client.close()
-        return len(list((Path(self.env["VAR_DIR"]) / "spool").glob("[0-9]*.jsonl")))
+        return len(list((Path(self.env["VAR_DIR"]) / "spool").glob("[0-9]*.json")))
 
     def wait_ingest_idle(self, timeout: float = 30) -> None:
         """Wait until the log pipeline is drained, so that no ingest transaction is open when

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -14,6 +13,7 @@ from django.db.models import Sum
 from analytics.ingest import ingest_batch, ingest_spool, ingest_stream
 from analytics.models import MinuteRollup, RequestEvent
 from analytics.selectors import key_usage_series
+from gateway.dataplane.logship import EVENT_FIELDS, encode_batch
 from portal.models import ApiKey
 from tests.conftest import active_key
 
@@ -83,14 +83,23 @@ def test_last_used_is_set_from_the_log(developer, catalog):
     assert ApiKey.objects.get(pk=issued.api_key.pk).last_used_at == last
 
 
+def batch_of(*events: dict) -> bytes:
+    """Events in the gateway's wire format."""
+    return encode_batch([tuple(e[f] for f in EVENT_FIELDS) for e in events])
+
+
 def test_spool_files_are_removed_only_after_ingest(tmp_path):
-    (tmp_path / "00000000000000000001-1-00000001.jsonl").write_text(
-        "\n".join(json.dumps(event(3)) for _ in range(3)) + "\nnot json\n"
+    (tmp_path / "00000000000000000001-1-00000001.json").write_bytes(
+        batch_of(event(3), event(3), event(3))
     )
-    (tmp_path / ".00000000000000000002-1-00000002.jsonl.tmp").write_text(json.dumps(event(3)))
+    (tmp_path / ".00000000000000000002-1-00000002.json.tmp").write_bytes(batch_of(event(3)))
+    (tmp_path / "00000000000000000003-1-00000003.json").write_bytes(b"{truncated")
     assert ingest_spool(tmp_path) == 3
     remaining = sorted(p.name for p in tmp_path.iterdir())
-    assert remaining == [".00000000000000000002-1-00000002.jsonl.tmp"]  # half-written: left
+    assert remaining == [
+        ".00000000000000000002-1-00000002.json.tmp",  # half-written: left for later
+        "00000000000000000003-1-00000003.json.unreadable",  # kept aside, not deleted
+    ]
 
 
 def test_usage_series_fills_gaps_and_reads_rollups():
@@ -112,15 +121,14 @@ def test_stream_entries_are_acknowledged_after_commit_and_redelivery_counts_once
     stream = f"test:events:{uuid.uuid4().hex}"
     try:
         events = [event(4) for _ in range(3)]
-        for e in events:
-            client.xadd(stream, {"e": json.dumps(e)})
+        client.xadd(stream, {"batch": batch_of(*events[:2])})
+        client.xadd(stream, {"batch": batch_of(events[2])})
         assert ingest_stream(client, stream) == 3
         assert client.xlen(stream) == 0  # acknowledged and deleted
         pending = client.xpending(stream, "ingest")
         assert pending["pending"] == 0
         # The same events shipped again (a gateway retry): nothing is counted twice.
-        for e in events:
-            client.xadd(stream, {"e": json.dumps(e)})
+        client.xadd(stream, {"batch": batch_of(*events)})
         assert ingest_stream(client, stream) == 0
         assert rollup_total() == 3
     finally:

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import aiohttp
+
 from gateway.dataplane.router import Router
 
 if TYPE_CHECKING:
@@ -35,6 +37,12 @@ class UpstreamEntry:
     connect_timeout: float
     read_timeout: float
     _cycle: itertools.cycle | None = None
+    timeout: aiohttp.ClientTimeout | None = None
+
+    def __post_init__(self) -> None:
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
+        )
 
     def pick(self) -> TargetEntry | None:
         """Next target in round-robin order (state is per worker)."""

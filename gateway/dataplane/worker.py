@@ -1,7 +1,9 @@
 """The gunicorn worker class of the data plane: uvicorn (uvloop + httptools).
 
 uvicorn's own `server` and `date` headers are off so that upstream responses pass through
-untouched; the gateway dates its own responses.
+untouched; the gateway dates its own responses. uvicorn's proxy-headers middleware is off: it
+would let any loopback client rewrite its address with X-Forwarded-For, and the gateway handles
+forwarding headers itself. Its access log is off: every request is already a log event.
 """
 
 from uvicorn_worker import UvicornWorker
@@ -13,4 +15,6 @@ class GatewayWorker(UvicornWorker):
         "server_header": False,
         "date_header": False,
         "lifespan": "on",
+        "proxy_headers": False,
+        "access_log": False,
     }

@@ -7,7 +7,6 @@ from gateway.dataplane.limiter import Decision, Limiter
 from gateway.dataplane.pipeline import Stage
 from gateway.dataplane.problems import problem
 
-
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
 
 

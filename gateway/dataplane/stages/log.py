@@ -19,23 +19,24 @@ class LogStage(Stage):
         route = ctx.route
         key = ctx.key
         up = ctx.upstream_latency
+        # A tuple in the order of logship.EVENT_FIELDS: cheaper than a dict per request.
         # Never a secret here: ids and numbers only, no key, token or header values.
         self.buffer.push(
-            {
-                "id": ctx.request_id,
-                "t": ctx.wall_time,
-                "api": route.api_id if route else None,
-                "route": route.id if route else None,
-                "route_path": route.path if route else "",
-                "consumer": key.consumer_id if key else None,
-                "key": key.pk if key else None,
-                "org": key.organization_id if key else None,
-                "method": ctx.method,
-                "status": ctx.status,
-                "ms": round((time.perf_counter() - ctx.started) * 1000, 3),
-                "up_ms": round(up * 1000, 3) if up is not None else None,
-                "in": ctx.bytes_in,
-                "out": ctx.bytes_out,
-                "err": ctx.error_kind,
-            }
+            (
+                ctx.request_id,
+                ctx.wall_time,
+                route.api_id if route else None,
+                route.id if route else None,
+                route.path if route else "",
+                key.consumer_id if key else None,
+                key.pk if key else None,
+                key.organization_id if key else None,
+                ctx.method,
+                ctx.status,
+                round((time.perf_counter() - ctx.started) * 1000, 3),
+                round(up * 1000, 3) if up is not None else None,
+                ctx.bytes_in,
+                ctx.bytes_out,
+                ctx.error_kind,
+            )
         )

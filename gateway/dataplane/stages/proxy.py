@@ -36,6 +36,8 @@ GATEWAY_ASSERTED = frozenset(
     {b"host", b"x-consumer-id", b"x-consumer-plan", b"x-request-id", b"x-forwarded-for"}
 )
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# The upstream's request id is replaced by the gateway's own.
+_NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 
 
 class ProxyHandler(Handler):
@@ -47,21 +49,21 @@ class ProxyHandler(Handler):
     def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict:
         drop = self.drop
         scope_headers = ctx.scope["headers"]
-        connection_listed: set[bytes] = set()
         for k, v in scope_headers:
-            if k == b"connection":
-                connection_listed.update(t.strip().lower() for t in v.split(b","))
-        out: CIMultiDict = CIMultiDict()
+            if k == b"connection":  # fields it names are hop-by-hop too (RFC 9110 §7.6.1)
+                drop = drop | {t.strip().lower() for t in v.split(b",")}
+        pairs: list[tuple[str, str]] = []
         forwarded_for = None
         bearer_is_key = ctx.key is not None and b"authorization" not in drop
         for k, v in scope_headers:
-            if k in drop or k in connection_listed:
+            if k in drop:
                 if k == b"x-forwarded-for":
                     forwarded_for = v
                 continue
             if bearer_is_key and k == b"authorization" and v[:7].lower() == b"bearer ":
                 continue  # the key came as a bearer token: do not pass it on
-            out.add(k.decode("latin-1"), v.decode("latin-1"))
+            pairs.append((k.decode("latin-1"), v.decode("latin-1")))
+        out = CIMultiDict(pairs)
         client = ctx.client_ip
         # Inbound X-Forwarded-For is kept only as a prefix of ours; trusting it for policy
         # needs configured proxy CIDRs (data-plane issue).
@@ -124,11 +126,7 @@ class ProxyHandler(Handler):
             url += "?" + query.decode("latin-1")
         headers = self._upstream_headers(ctx)
         data = await self._body(ctx)
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=route.upstream.connect_timeout,
-            sock_read=route.upstream.read_timeout,
-        )
+        timeout = route.upstream.timeout
         sent = time.perf_counter()
         send = ctx.send
         try:
@@ -141,11 +139,7 @@ class ProxyHandler(Handler):
                 timeout=timeout,
             ) as resp:
                 ctx.upstream_latency = time.perf_counter() - sent
-                out = [
-                    (k, v)
-                    for k, v in resp.raw_headers
-                    if k.lower() not in HOP_BY_HOP and k.lower() != b"x-request-id"
-                ]
+                out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_RETURNED]
                 out.append((b"x-request-id", ctx.request_id.encode()))
                 out.extend(ctx.response_headers)
                 ctx.status = resp.status
