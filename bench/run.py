@@ -764,14 +764,16 @@ def spool_summary(spool: Path) -> tuple[int, Counter, Counter]:
     errors: Counter = Counter()
     total = 0
     if spool.is_dir():
-        for path in sorted(spool.glob("*.jsonl")):
-            with open(path, "rb") as f:
-                for line in f:
-                    event = json.loads(line)
-                    total += 1
-                    statuses[event.get("status")] += 1
-                    if event.get("err"):
-                        errors[event["err"]] += 1
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from gateway.dataplane.logship import decode_batch
+
+        for path in sorted(spool.glob("[0-9]*.json")):
+            for event in decode_batch(path.read_bytes()):
+                total += 1
+                statuses[event.get("status")] += 1
+                if event.get("err"):
+                    errors[event["err"]] += 1
     return total, statuses, errors
 
 
