@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 
 from analytics.models import MinuteRollup, RequestEvent
 from gateway.dataplane.logship import decode_batch
@@ -66,14 +66,52 @@ class Event:
 
 
 def _opt_int(v) -> int | None:
-    return None if v is None else int(v)
+    if v is None:
+        return None
+    n = int(v)
+    if not 0 < n < _INT_MAX:
+        raise ValueError(f"id out of range: {n}")
+    return n
+
+
+def _millis(v) -> float | None:
+    if v is None:
+        return None
+    ms = float(v)
+    if not 0 <= ms < 1e9:  # also refuses NaN
+        raise ValueError(f"latency out of range: {ms}")
+    return ms
+
+
+# Everything a malformed event can raise while being parsed.
+MALFORMED = (KeyError, ValueError, TypeError, ArithmeticError)
+
+
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
+_INT_MAX = 2**62
+
+
+def _count(v) -> int:
+    n = int(v or 0)
+    if not 0 <= n < _INT_MAX:
+        raise ValueError(f"count out of range: {n}")
+    return n
 
 
 def parse_event(raw: dict) -> Event:
-    """An event from the gateway's JSON form; raises (KeyError, ValueError, TypeError)."""
+    """An event from the gateway's wire form; raises MALFORMED on anything out of range."""
+    t = float(raw["t"])
+    if not _EARLIEST <= t <= datetime.now(UTC).timestamp() + 86400:
+        raise ValueError(f"event time out of range: {t}")
+    status = int(raw["status"])
+    if not 100 <= status <= 599:
+        raise ValueError(f"status out of range: {status}")
+    event_id = str(raw["id"])[:64]
+    if not event_id:
+        raise ValueError("empty event id")
     return Event(
-        event_id=str(raw["id"])[:64],
-        time=datetime.fromtimestamp(float(raw["t"]), UTC),
+        event_id=event_id,
+        time=datetime.fromtimestamp(t, UTC),
         api_id=_opt_int(raw.get("api")),
         route_id=_opt_int(raw.get("route")),
         consumer_id=_opt_int(raw.get("consumer")),
@@ -81,11 +119,11 @@ def parse_event(raw: dict) -> Event:
         organization_id=_opt_int(raw.get("org")),
         method=str(raw.get("method", ""))[:16],
         route_path=str(raw.get("route_path") or "")[:200],
-        status=int(raw["status"]),
-        latency_ms=float(raw.get("ms") or 0.0),
-        upstream_latency_ms=None if raw.get("up_ms") is None else float(raw["up_ms"]),
-        bytes_in=int(raw.get("in") or 0),
-        bytes_out=int(raw.get("out") or 0),
+        status=status,
+        latency_ms=_millis(raw.get("ms")) or 0.0,
+        upstream_latency_ms=_millis(raw.get("up_ms")),
+        bytes_in=_count(raw.get("in")),
+        bytes_out=_count(raw.get("out")),
         error_kind=str(raw.get("err") or "")[:32],
     )
 
@@ -96,7 +134,7 @@ def ingest_batch(raw_events: list[dict]) -> int:
     for raw in raw_events:
         try:
             e = parse_event(raw)
-        except (KeyError, ValueError, TypeError) as exc:
+        except MALFORMED as exc:
             log.warning("skipping malformed event: %s", exc)
             continue
         events.setdefault(e.event_id, e)
@@ -211,7 +249,14 @@ def ingest_spool(directory: str | Path, *, max_files: int = 200) -> int:
             log.error("unreadable spool file %s moved to %s", path.name, BAD_SUFFIX)
             path.rename(path.with_name(path.name + BAD_SUFFIX))
             continue
-        total += ingest_batch(batch)
+        try:
+            total += ingest_batch(batch)
+        except (IntegrityError, DataError):
+            # This batch can never be stored: set it aside so that the files behind it flow.
+            # (OperationalError, e.g. the database being down, propagates: retry later.)
+            log.exception("spool file %s refused by the database, moved aside", path.name)
+            path.rename(path.with_name(path.name + BAD_SUFFIX))
+            continue
         path.unlink(missing_ok=True)
     return total
 
@@ -261,7 +306,17 @@ def _ingest_entries(client, stream: str, group: str, entries) -> int:
             batch.extend(decode_batch(raw))
         except (TypeError, ValueError):
             log.error("skipping unreadable stream entry %s", entry_id)
-    n = ingest_batch(batch)
+    try:
+        n = ingest_batch(batch)
+    except (IntegrityError, DataError):
+        # Never storable: park the raw entries on a dead-letter stream, then acknowledge.
+        log.exception("stream entries refused by the database, moved to %s:dead", stream)
+        pipe = client.pipeline(transaction=False)
+        for _entry_id, fields in entries:
+            if fields:
+                pipe.xadd(f"{stream}:dead", fields)
+        pipe.execute()
+        n = 0
     pipe = client.pipeline(transaction=False)
     pipe.xack(stream, group, *ids)
     pipe.xdel(stream, *ids)

@@ -18,7 +18,15 @@ import os
 import secrets
 from pathlib import Path
 
-from config.env import check_url, env_bool, env_int, env_list, env_str, parse_database_url
+from config.env import (
+    check_url,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    parse_database_url,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -160,13 +168,14 @@ check_url(
 )
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = VAR_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
+        "control_folder": str(_broker_dir / "control"),
     }
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
@@ -178,17 +187,23 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 GATEWAY = {
     # How often each worker checks the config version (seconds). Bounds how long a revoked
     # key keeps working.
-    "CONFIG_POLL_INTERVAL": float(env_str("GATEWAY_CONFIG_POLL_INTERVAL", "0.5")),
+    "CONFIG_POLL_INTERVAL": env_float("GATEWAY_CONFIG_POLL_INTERVAL", 0.5, minimum=0.05),
     "LOG_BUFFER_SIZE": env_int("GATEWAY_LOG_BUFFER_SIZE", 50_000, minimum=100),
     "LOG_BATCH_SIZE": env_int("GATEWAY_LOG_BATCH_SIZE", 1_000, minimum=1),
-    "LOG_FLUSH_INTERVAL": float(env_str("GATEWAY_LOG_FLUSH_INTERVAL", "1.0")),
+    "LOG_FLUSH_INTERVAL": env_float("GATEWAY_LOG_FLUSH_INTERVAL", 1.0, minimum=0.05),
     "LOG_SPOOL_DIR": str(VAR_DIR / "spool"),
     "LOG_STREAM": "gateway:events",
+    # Entries (batches of up to LOG_BATCH_SIZE events) kept in the stream if ingest stops:
+    # past it the oldest are trimmed, so a long Celery outage cannot exhaust Redis memory.
+    "LOG_STREAM_MAXLEN": env_int("GATEWAY_LOG_STREAM_MAXLEN", 100_000, minimum=100),
     "COUNTER_FLUSH_INTERVAL": 1.0,
-    "UPSTREAM_CONNECT_TIMEOUT": float(env_str("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", "5")),
-    "UPSTREAM_READ_TIMEOUT": float(env_str("GATEWAY_UPSTREAM_READ_TIMEOUT", "60")),
+    "UPSTREAM_CONNECT_TIMEOUT": env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.01),
+    "UPSTREAM_READ_TIMEOUT": env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 60.0, minimum=0.01),
     "UPSTREAM_POOL_SIZE": env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000, minimum=1),
-    "REDIS_TIMEOUT": float(env_str("GATEWAY_REDIS_TIMEOUT", "0.25")),
+    "REDIS_TIMEOUT": env_float("GATEWAY_REDIS_TIMEOUT", 0.25, minimum=0.01),
+    # Request head limits (431 / 414 beyond them, before anything is buffered further).
+    "MAX_HEADER_BYTES": env_int("GATEWAY_MAX_HEADER_BYTES", 32 * 1024, minimum=1024),
+    "MAX_URL_BYTES": env_int("GATEWAY_MAX_URL_BYTES", 8 * 1024, minimum=256),
 }
 
 # --- Accounts (django-allauth) ----------------------------------------------------------

@@ -8,7 +8,7 @@ from django.db import transaction
 from gateway.config import config_bump
 
 
-class ConfigChangeAdmin(admin.ModelAdmin):
+class ConfigChangeMixin:
     """Saves and deletes run in the admin's transaction, together with a config bump."""
 
     def save_model(self, request, obj, form, change) -> None:
@@ -31,3 +31,7 @@ class ConfigChangeAdmin(admin.ModelAdmin):
                 actor=request.user,
                 reason=f"{n} {queryset.model._meta.verbose_name_plural} deleted",
             )
+
+
+class ConfigChangeAdmin(ConfigChangeMixin, admin.ModelAdmin):
+    pass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import F
 
-from gateway.models import ConfigVersion
+from gateway.models import ConfigState, ConfigVersion
 
 
 def config_bump(*, actor=None, reason: str) -> int:
@@ -18,9 +18,16 @@ def config_bump(*, actor=None, reason: str) -> int:
     """
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("config_bump() must run inside the transaction that made the change")
-    version = ConfigVersion.objects.create(actor=actor, reason=reason[:200])
-    transaction.on_commit(lambda: _publish(version.pk))
-    return version.pk
+    # The UPDATE takes the row lock until commit: bumps are serialised (see ConfigState).
+    if not ConfigState.objects.filter(pk=1).update(version=F("version") + 1):
+        ConfigState.objects.get_or_create(pk=1, defaults={"version": 0})
+        ConfigState.objects.filter(pk=1).update(version=F("version") + 1)
+    version = ConfigState.objects.values_list("version", flat=True).get(pk=1)
+    if actor is not None and not getattr(actor, "is_authenticated", False):
+        actor = None
+    ConfigVersion.objects.create(version=version, actor=actor, reason=reason[:200])
+    transaction.on_commit(lambda: _publish(version))
+    return version
 
 
 CONFIG_CHANNEL = "apigw:config"
@@ -45,5 +52,11 @@ def _publish(version: int) -> None:
 
 
 def config_current_version() -> int:
-    """The newest config version number, 0 before the first change."""
-    return ConfigVersion.objects.aggregate(v=Max("id"))["v"] or 0
+    """The current config version number, 0 before the first change."""
+    return ConfigState.objects.filter(pk=1).values_list("version", flat=True).first() or 0
+
+
+def config_current_stamp() -> tuple[str, int]:
+    """(epoch, version): what a gateway compares to know whether its snapshot is current."""
+    row = ConfigState.objects.filter(pk=1).values_list("epoch", "version").first()
+    return (str(row[0]), row[1]) if row else ("", 0)

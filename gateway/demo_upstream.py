@@ -1,17 +1,73 @@
 """The demo upstream: answers every path by echoing the request it received, as JSON.
 
 Like httpbin's /anything, so that a user can see what the gateway sent. Extra paths:
-`/status/<code>` answers with that status. Run:
-`uvicorn gateway.demo_upstream:app --port 9000`.
+`/status/<code>` answers with that status; `/stream?chunks=N&interval=S` sends N chunks S
+seconds apart (a slow stream, to see streaming and disconnects); `/_stats` counts streams
+completed and abandoned by their client. Run: `uvicorn gateway.demo_upstream:app --port 9000`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 from urllib.parse import parse_qs
 
 MAX_ECHO_BODY = 1 << 20  # larger bodies are counted, not echoed
+STATS = {"streams_completed": 0, "streams_abandoned": 0, "stream_chunks_sent": 0}
+
+
+async def _json(send, status: int, payload: object) -> None:
+    out = json.dumps(payload, indent=2).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(out)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": out})
+
+
+async def _stream(scope, receive, send) -> None:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    chunks = min(int(query.get("chunks", ["10"])[0]), 100_000)
+    interval = min(float(query.get("interval", ["0.1"])[0]), 10.0)
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    try:
+        for i in range(chunks):
+            if gone.is_set():
+                STATS["streams_abandoned"] += 1
+                return
+            await send({"type": "http.response.body", "body": b"chunk %d\n" % i, "more_body": True})
+            STATS["stream_chunks_sent"] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), interval)
+        if gone.is_set():
+            STATS["streams_abandoned"] += 1
+            return
+        await send({"type": "http.response.body", "body": b""})
+        STATS["streams_completed"] += 1
+    finally:
+        watcher.cancel()
 
 
 async def app(scope, receive, send) -> None:
@@ -24,6 +80,12 @@ async def app(scope, receive, send) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/stream":
+        await _stream(scope, receive, send)
+        return
+    if scope["path"] == "/_stats":
+        await _json(send, 200, STATS)
         return
     body = bytearray()
     size = 0
@@ -63,15 +125,4 @@ async def app(scope, receive, send) -> None:
         "body_base64": encoded,
         "body_size": size,
     }
-    out = json.dumps(payload, indent=2).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(out)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": out})
+    await _json(send, status, payload)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
@@ -13,9 +15,28 @@ path_prefix_validator = RegexValidator(
 )
 
 
-class ConfigVersion(models.Model):
-    """One row per change the gateway must see; the largest id is the current version."""
+class ConfigState(models.Model):
+    """The single row holding the current config version.
 
+    Bumping it is an UPDATE of this row, so concurrent bumping transactions are serialised by
+    its row lock and commit in version order: a gateway that has read version N sees every
+    change of versions <= N. (A max(id) over inserted rows would not: ids are handed out at
+    insert but become visible in commit order, so a change could hide behind a later id.)
+    """
+
+    version = models.BigIntegerField(default=0)
+    # New for every new row: a database restored or reset to an older version number is
+    # still seen as a change by the gateways.
+    epoch = models.UUIDField(default=uuid.uuid4)
+
+    def __str__(self) -> str:
+        return f"config v{self.version}"
+
+
+class ConfigVersion(models.Model):
+    """The history: one row per config version, with who made it and why."""
+
+    version = models.BigIntegerField(unique=True, null=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
@@ -26,7 +47,7 @@ class ConfigVersion(models.Model):
         ordering = ["-id"]
 
     def __str__(self) -> str:
-        return f"v{self.pk}: {self.reason}"
+        return f"v{self.version}: {self.reason}"
 
 
 class Upstream(models.Model):

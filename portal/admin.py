@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 
-from gateway.admin_mixins import ConfigChangeAdmin
+from gateway.admin_mixins import ConfigChangeAdmin, ConfigChangeMixin
 from portal.keys import key_revoke
 from portal.models import (
     ApiKey,
@@ -27,7 +27,9 @@ admin.site.site_title = "API management"
 
 
 @admin.register(User)
-class PortalUserAdmin(UserAdmin):
+class PortalUserAdmin(ConfigChangeMixin, UserAdmin):
+    """Deactivating or deleting a user takes their keys out of the gateway: config bump."""
+
     list_display = ["username", "email", "is_staff", "is_active", "date_joined", "last_login"]
 
 
@@ -38,7 +40,7 @@ class MembershipInline(admin.TabularInline):
 
 
 @admin.register(Organization)
-class OrganizationAdmin(admin.ModelAdmin):
+class OrganizationAdmin(ConfigChangeAdmin):
     list_display = ["name", "slug", "member_count", "created_at"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}

@@ -16,6 +16,7 @@ from portal.subscriptions import (
     subscription_create,
     subscription_reject,
 )
+from tests.conftest import active_key
 
 pytestmark = pytest.mark.django_db
 
@@ -111,3 +112,34 @@ def test_config_bump_rolls_back_with_its_transaction(db):
         config_bump(reason="doomed")
         1 / 0  # noqa: B018
     assert config_current_version() == before
+
+
+def test_deleting_a_user_drops_their_keys_with_a_config_bump(developer, catalog):
+    issued = active_key(developer, catalog.free)
+    before = config_current_version()
+    developer.delete()
+    assert not ApiKey.objects.filter(pk=issued.api_key.pk).exists()
+    assert config_current_version() > before
+
+
+def test_a_deactivated_users_keys_leave_the_snapshot(developer, catalog):
+    from gateway.dataplane.snapshot import load_config
+
+    issued = active_key(developer, catalog.free)
+    assert issued.api_key.key_id in load_config(0)[1]
+    developer.is_active = False
+    developer.save()
+    assert issued.api_key.key_id not in load_config(0)[1]
+
+
+def test_config_versions_are_numbered_in_order_and_kept(db):
+    from gateway.models import ConfigVersion
+
+    with transaction.atomic():
+        first = config_bump(reason="one")
+    with transaction.atomic():
+        second = config_bump(reason="two")
+    assert second == first + 1
+    assert list(ConfigVersion.objects.order_by("version").values_list("reason", flat=True))[
+        -2:
+    ] == ["one", "two"]

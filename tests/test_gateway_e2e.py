@@ -45,6 +45,11 @@ def test_key_request_reaches_upstream_with_consumer_and_without_credential(stack
             "X-API-Key": issued.key,
             "X-Consumer-ID": "spoofed",
             "X-Consumer-Plan": "enterprise",
+            "X_Consumer_ID": "spoofed-underscore",
+            "X-Consumer-Username": "root",
+            "Forwarded": "for=6.6.6.6",
+            "X-Real-IP": "6.6.6.6",
+            "X-Forwarded-Host": "evil.example",
         },
     )
     assert resp.status_code == 200, resp.text
@@ -58,6 +63,10 @@ def test_key_request_reaches_upstream_with_consumer_and_without_credential(stack
     assert headers["x-consumer-plan"] == "free"
     assert headers["x-request-id"] == resp.headers["x-request-id"]
     assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-forwarded-host"] == f"127.0.0.1:{stack.gateway_port}"
+    for spoofed in ("x_consumer_id", "x-consumer-username", "forwarded", "x-real-ip"):
+        assert spoofed not in headers, spoofed
+    assert "spoofed" not in resp.text and "6.6.6.6" not in resp.text
     assert resp.headers["x-ratelimit-limit"] == "1000"
 
 
@@ -69,7 +78,7 @@ def test_bearer_key_is_accepted_and_not_forwarded(stack, live, dev):
     assert "authorization" not in {k.lower() for k in resp.json()["headers"]}
 
 
-def test_post_body_is_streamed_to_the_upstream(stack, live, dev):
+def test_a_chunked_post_body_reaches_the_upstream_whole(stack, live, dev):
     issued = active_key(dev, live.free)
     wait_for_key(stack, issued.key)
     body = b"x" * (3 * 1024 * 1024)
@@ -249,3 +258,119 @@ def test_quota_used_through_the_gateway_is_visible_to_the_portal(stack, live, de
     )
     usage = quota_usage(sub)
     assert (usage.limit, usage.remaining) == (10_000, 9_997)
+
+
+def test_key_in_header_leaves_the_clients_own_authorization_alone(stack, live, dev):
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    resp = stack.get(
+        "/demo/x",
+        headers={"X-API-Key": issued.key, "Authorization": "Bearer for-the-upstream"},
+    )
+    assert resp.json()["headers"]["Authorization"] == "Bearer for-the-upstream"
+    # An empty key header does not hide a bearer key.
+    resp = stack.get("/demo/x", headers={"X-API-Key": "", "Authorization": f"Bearer {issued.key}"})
+    assert resp.status_code == 200, resp.text
+
+
+def test_the_clients_path_bytes_reach_the_upstream(stack, live, dev):
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    echo = stack.get("/demo/files/a%2Fb%FF?q=%20", headers={"X-API-Key": issued.key}).json()
+    assert echo["raw_path"] == "/files/a%2Fb%FF"
+    # A path that normalising changed is forwarded as it was matched.
+    echo = stack.get("/demo/x/../y", headers={"X-API-Key": issued.key}).json()
+    assert echo["path"] == "/y"
+
+
+def test_oversized_request_heads_are_refused_as_problems(stack, live):
+    resp = stack.get("/demo/x", headers={"X-Big": "a" * 100_000})
+    _problem(resp, 431, "header-too-large")
+    resp = stack.get("/demo/" + "a" * 10_000)
+    _problem(resp, 414, "uri-too-long")
+    # A head that trickles in: refused once it passes the cap, not buffered on and on.
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=10)
+    sock.sendall(b"GET /demo/x HTTP/1.1\r\nHost: gw\r\nX-Big: ")
+    sent = 0
+    try:
+        for _ in range(1000):  # up to 1 MB, in 1 kB pieces
+            sock.sendall(b"a" * 1024)
+            sent += 1024
+            time.sleep(0.001)
+    except OSError:
+        pass  # the gateway closed the connection
+    try:
+        answer = sock.recv(65536)
+    except ConnectionResetError:
+        answer = b""  # our unread bytes made the close a reset: the answer may be lost
+    sock.close()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert sent < 200 * 1024
+    assert stack.get("/demo/x").status_code == 401  # the worker is fine
+
+
+def test_streamed_response_arrives_in_pieces_and_a_leaving_client_stops_the_upstream(
+    stack, live, dev
+):
+    import socket
+
+    import requests
+
+    from analytics.models import RequestEvent
+
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    stats_url = f"http://127.0.0.1:{stack.upstream_port}/_stats"
+    before = requests.get(stats_url, timeout=5).json()
+    sock = socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=10)
+    sock.sendall(
+        b"GET /demo/stream?chunks=200&interval=0.05 HTTP/1.1\r\nHost: gw\r\n"
+        b"X-API-Key: " + issued.key.encode() + b"\r\n\r\n"
+    )
+    received = b""
+    while b"chunk 0" not in received:  # the first chunk, while the upstream holds the rest
+        data = sock.recv(4096)
+        assert data, "connection closed before the first chunk"
+        received += data
+    assert b"chunk 199" not in received
+    sock.close()
+
+    def abandoned() -> bool:
+        stats = requests.get(stats_url, timeout=5).json()
+        return stats["streams_abandoned"] == before["streams_abandoned"] + 1
+
+    wait_until(abandoned, timeout=5, what="the upstream stream to be abandoned")
+    stats = requests.get(stats_url, timeout=5).json()
+    assert stats["stream_chunks_sent"] - before["stream_chunks_sent"] < 150
+    wait_until(
+        lambda: RequestEvent.objects.filter(key_id=issued.api_key.pk, status=499).exists(),
+        timeout=30,
+        what="the abandoned request to be logged as 499",
+    )
+
+
+def test_a_client_leaving_mid_upload_is_a_499_not_a_gateway_error(stack, live, dev):
+    import socket
+
+    from analytics.models import RequestEvent
+
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    sock = socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=10)
+    sock.sendall(
+        b"POST /demo/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n"
+        b"X-API-Key: " + issued.key.encode() + b"\r\n\r\n" + b"x" * 1000
+    )
+    time.sleep(0.2)  # let the gateway start the upstream request
+    sock.close()
+    wait_until(
+        lambda: RequestEvent.objects.filter(key_id=issued.api_key.pk, status=499).exists(),
+        timeout=30,
+        what="the abandoned upload to be logged as 499",
+    )
+    event = RequestEvent.objects.get(key_id=issued.api_key.pk, status=499)
+    assert event.error_kind == "client_disconnected"
+    assert not RequestEvent.objects.filter(key_id=issued.api_key.pk, status__gte=500).exists()
+    assert "Traceback" not in stack.procs["gateway"].output()

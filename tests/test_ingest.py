@@ -70,7 +70,39 @@ def test_a_redelivered_batch_changes_nothing():
 
 
 def test_malformed_events_are_skipped_not_fatal():
-    assert ingest_batch([{"nope": 1}, event(7), {"id": "x", "t": "soon", "status": 200}]) == 1
+    bad = [
+        {"nope": 1},
+        {"id": "x", "t": "soon", "status": 200},
+        event(7, t=1e20),  # would overflow a datetime
+        event(7, status=-1),
+        event(7, status=1000),
+        event(7, **{"in": -5}),
+        event(7, ms=float("nan")),
+        event(7, key=2**70),
+    ]
+    assert ingest_batch([*bad, event(7)]) == 1
+
+
+def test_a_poisoned_spool_file_does_not_block_the_ones_behind_it(tmp_path, monkeypatch):
+    from django.db import IntegrityError
+
+    import analytics.ingest as ingest
+
+    (tmp_path / "00000000000000000001-1-00000001.json").write_bytes(batch_of(event(3)))
+    (tmp_path / "00000000000000000002-1-00000002.json").write_bytes(batch_of(event(3)))
+    real = ingest.ingest_batch
+    calls = {"n": 0}
+
+    def first_fails(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise IntegrityError("refused")
+        return real(batch)
+
+    monkeypatch.setattr(ingest, "ingest_batch", first_fails)
+    assert ingest_spool(tmp_path) == 1
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00000000000000000001-1-00000001.json.unreadable"]
 
 
 def test_last_used_is_set_from_the_log(developer, catalog):

@@ -64,6 +64,8 @@ def test_redis_url_scheme_is_checked():
         ("REDIS_URL", "localhost:6379"),
         ("CELERY_BROKER_URL", "sqs://nope"),
         ("DEBUG", "sometimes"),
+        ("GATEWAY_CONFIG_POLL_INTERVAL", "abc"),
+        ("GATEWAY_LOG_FLUSH_INTERVAL", "0"),
     ],
 )
 def test_start_up_fails_with_a_message_naming_the_variable(tmp_path, name, value):

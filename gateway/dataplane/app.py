@@ -51,6 +51,28 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
+class ThrottledLog:
+    """Logs at most one message per interval and counts the ones it held back, so that a
+    flood of bad requests cannot flood (and block on) the log."""
+
+    def __init__(self, logger: logging.Logger, *, interval: float) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.suppressed = 0
+        self._last = 0.0
+
+    def report(self, message: str, ctx: RequestContext, *, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return
+        self._last = now
+        if self.suppressed:
+            message += f" ({self.suppressed} similar messages suppressed)"
+            self.suppressed = 0
+        self.logger.error(message, ctx.request_id, exc_info=exc_info)
+
+
 class GatewayApp:
     def __init__(self, settings: GatewaySettings | None = None) -> None:
         self.settings = settings
@@ -64,6 +86,7 @@ class GatewayApp:
         self.shipper: LogShipper | None = None
         self.log_stage: LogStage | None = None
         self._config_changed = asyncio.Event()
+        self._errors = ThrottledLog(log, interval=1.0)
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -109,7 +132,7 @@ class GatewayApp:
         if s.redis_url:
             self._redis = redis_client(s.redis_url, timeout=s.redis_timeout)
             self.limiter = RedisLimiter(self._redis)
-            sink = RedisStreamSink(self._redis, s.log_stream)
+            sink = RedisStreamSink(self._redis, s.log_stream, maxlen=s.log_stream_maxlen)
         else:
             self.limiter = MemoryLimiter()
             await self._run_db(self._load_counters)
@@ -157,13 +180,14 @@ class GatewayApp:
 
     async def refresh_snapshot(self) -> bool:
         """Rebuild the snapshot if the config version moved; True if it was swapped."""
-        from gateway.config import config_current_version
+        from gateway.config import config_current_stamp
 
-        version = await self._run_db(config_current_version)
-        if self.snapshot is not None and version == self.snapshot.version:
+        epoch, version = await self._run_db(config_current_stamp)
+        current = self.snapshot
+        if current is not None and (epoch, version) == (current.epoch, current.version):
             return False
         apis, keys = await self._run_db(load_config, version)
-        snapshot = compile_snapshot(version, apis, keys, self._compile_route)
+        snapshot = compile_snapshot(version, apis, keys, self._compile_route, epoch=epoch)
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
         log.info(
             "config v%s: %d routes, %d keys, built in %.1f ms",
@@ -187,9 +211,7 @@ class GatewayApp:
             AuthorizeStage(api_id=route.api_id, api_slug=route.api_slug),
             LimitStage(limiter=self.limiter),
         ]
-        route.handler = ProxyHandler(
-            session_getter=self._get_session, strip_headers=frozenset({route.key_header})
-        )
+        route.handler = ProxyHandler(session_getter=self._get_session, key_header=route.key_header)
 
     def _get_session(self) -> aiohttp.ClientSession:
         assert self._session is not None
@@ -290,20 +312,31 @@ class GatewayApp:
         )
         try:
             response = await self._dispatch(ctx)
-            if response is not None:
+            if response is not None and not ctx.client_gone:
                 await self._send_local(ctx, response)
+        except asyncio.CancelledError:
+            if not ctx.client_gone:
+                raise  # a real cancellation (shutdown): let it through
+            asyncio.current_task().uncancel()  # we cancelled ourselves: the client left
         except Exception:
-            ctx.error_kind = ctx.error_kind or "internal"
-            if ctx.response_started:
-                log.warning("request %s aborted after the response started", ctx.request_id)
+            if ctx.client_gone:
+                pass  # the failure is the disconnect itself: no gateway error
+            elif ctx.response_started:
+                ctx.error_kind = ctx.error_kind or "internal"
+                self._errors.report("request %s aborted after the response started", ctx)
             else:
-                log.exception("request %s failed", ctx.request_id)
+                ctx.error_kind = "internal"
+                self._errors.report("request %s failed", ctx, exc_info=True)
                 await self._send_local(
                     ctx, problem("internal", "Unexpected error.", request_id=ctx.request_id)
                 )
         finally:
-            if ctx.status == 0:
-                ctx.status = 499  # client went away before any answer
+            if ctx.client_gone:
+                # As nginx logs it: the client closed the connection before the full answer.
+                ctx.status = 499
+                ctx.error_kind = "client_disconnected"
+            elif ctx.status == 0:
+                ctx.status = 499
             route = ctx.route
             if route is not None:
                 for stage in route.stages:

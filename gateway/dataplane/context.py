@@ -12,6 +12,10 @@ if TYPE_CHECKING:
 Headers = list[tuple[bytes, bytes]]
 
 
+class ClientDisconnected(Exception):
+    """The client went away; nothing more can be sent to it."""
+
+
 @dataclass(slots=True)
 class LocalResponse:
     """A response the gateway makes itself (errors, preflights); it ends the pipeline."""
@@ -42,6 +46,10 @@ class RequestContext:
     bytes_out: int = 0
     upstream_latency: float | None = None
     error_kind: str = ""
+    credential: str = ""  # where the key came from: "header" or "bearer"
+    body_done: bool = False  # the whole request body has been received
+    client_gone: bool = False  # the client disconnected before the response was complete
+    task: Any = None  # the asyncio task serving this request
 
     def header(self, name: bytes) -> bytes | None:
         """First value of request header `name` (lower-case bytes), or None."""

@@ -25,3 +25,6 @@ keepalive = 75  # longer than typical load-balancer idle timeouts (60 s)
 graceful_timeout = 15
 timeout = 0  # async worker: gunicorn's heartbeat check does not apply per request
 accesslog = None  # every request is logged as an event; no access log on the hot path
+# gunicorn's control socket defaults to one shared path in $HOME; the portal and the gateway
+# (and tests) would replace each other's. Nothing here uses it.
+control_socket_disable = True

@@ -122,12 +122,15 @@ class SpoolSink:
 class RedisStreamSink:
     """XADDs each batch as one stream entry: one round trip, one command."""
 
-    def __init__(self, client, stream: str) -> None:
+    def __init__(self, client, stream: str, *, maxlen: int) -> None:
         self.client = client
         self.stream = stream
+        self.maxlen = maxlen
 
     async def write(self, batch: list[Event]) -> None:
-        await self.client.xadd(self.stream, {"batch": encode_batch(batch)})
+        await self.client.xadd(
+            self.stream, {"batch": encode_batch(batch)}, maxlen=self.maxlen, approximate=True
+        )
 
 
 class LogShipper:

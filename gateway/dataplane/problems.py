@@ -18,6 +18,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "forbidden": (403, "Forbidden"),
     "not-found": (404, "No route matches"),
     "method-not-allowed": (405, "Method not allowed"),
+    "uri-too-long": (414, "URI too long"),
+    "header-too-large": (431, "Request header fields too large"),
     "rate-limited": (429, "Rate limit exceeded"),
     "quota-exhausted": (429, "Quota exhausted"),
     "internal": (500, "Internal gateway error"),

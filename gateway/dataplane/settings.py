@@ -13,6 +13,7 @@ class GatewaySettings:
     log_flush_interval: float
     log_spool_dir: str
     log_stream: str
+    log_stream_maxlen: int
     counter_flush_interval: float
     upstream_connect_timeout: float
     upstream_read_timeout: float
@@ -33,6 +34,7 @@ def load_settings() -> GatewaySettings:
         log_flush_interval=g["LOG_FLUSH_INTERVAL"],
         log_spool_dir=g["LOG_SPOOL_DIR"],
         log_stream=g["LOG_STREAM"],
+        log_stream_maxlen=g["LOG_STREAM_MAXLEN"],
         counter_flush_interval=g["COUNTER_FLUSH_INTERVAL"],
         upstream_connect_timeout=g["UPSTREAM_CONNECT_TIMEOUT"],
         upstream_read_timeout=g["UPSTREAM_READ_TIMEOUT"],

@@ -99,6 +99,7 @@ class RouteEntry:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     version: int
+    epoch: str
     built_at: float
     build_seconds: float
     router: Router
@@ -122,6 +123,8 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
     keys: dict[str, KeyEntry] = {}
     rows = (
         ApiKey.objects.filter(revoked_at__isnull=True)
+        # A deactivated user's keys stop working with the account.
+        .exclude(subscription__consumer__user__is_active=False)
         .select_related("subscription__plan", "subscription__consumer")
         .iterator(chunk_size=2000)
     )
@@ -155,7 +158,7 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
 
 
 def compile_snapshot(
-    version: int, apis: list, keys: dict[str, KeyEntry], compile_route
+    version: int, apis: list, keys: dict[str, KeyEntry], compile_route, *, epoch: str = ""
 ) -> Snapshot:
     """Turn model rows into the immutable snapshot; `compile_route` builds a route's stages."""
     started = time.perf_counter()
@@ -200,6 +203,7 @@ def compile_snapshot(
             routes.append(entry)
     return Snapshot(
         version=version,
+        epoch=epoch,
         built_at=time.time(),
         build_seconds=time.perf_counter() - started,
         router=Router(routes),

@@ -17,4 +17,5 @@ class GatewayWorker(UvicornWorker):
         "lifespan": "on",
         "proxy_headers": False,
         "access_log": False,
+        "http": "gateway.dataplane.protocol:GatewayHttpProtocol",
     }

@@ -31,10 +31,12 @@ class AuthenticateStage(Stage):
 
     def _credential(self, ctx: RequestContext) -> bytes | None:
         raw = ctx.header(self.key_header)
-        if raw is not None:
+        if raw is not None and raw.strip():
+            ctx.credential = "header"
             return raw.strip()
         auth = ctx.header(b"authorization")
         if auth is not None and auth[:7].lower() == b"bearer ":
+            ctx.credential = "bearer"
             return auth[7:].strip()
         return None
 

@@ -2,10 +2,13 @@
 
 One pooled aiohttp session per worker, keep-alive both sides. Bodies are never buffered:
 request chunks go up as the client sends them, response chunks come down as they arrive.
+A client that disconnects mid-response cancels the upstream exchange (a streaming upstream
+must not be read forever for nobody).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from urllib.parse import quote
 
@@ -13,11 +16,11 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.dataplane.context import LocalResponse, RequestContext
+from gateway.dataplane.context import ClientDisconnected, LocalResponse, RequestContext
 from gateway.dataplane.pipeline import Handler
 from gateway.dataplane.problems import problem
 
-# RFC 9110 §7.6.1 hop-by-hop fields, plus ones that the gateway sets itself.
+# RFC 9110 §7.6.1 hop-by-hop fields.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -31,20 +34,32 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Inbound copies are dropped: only the gateway may assert these to an upstream.
+# Only the gateway may assert these to an upstream: inbound copies are dropped, under any
+# spelling (names are compared lower-case with "_" read as "-", because CGI-style servers
+# merge X_Consumer_ID into X-Consumer-ID).
 GATEWAY_ASSERTED = frozenset(
-    {b"host", b"x-consumer-id", b"x-consumer-plan", b"x-request-id", b"x-forwarded-for"}
+    {
+        b"host",
+        b"x-request-id",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"forwarded",
+        b"x-real-ip",
+    }
 )
+_ASSERTED_PREFIX = b"x-consumer-"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # The upstream's request id is replaced by the gateway's own.
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 
 
 class ProxyHandler(Handler):
-    def __init__(self, *, session_getter, strip_headers: frozenset[bytes]) -> None:
+    def __init__(self, *, session_getter, key_header: bytes) -> None:
         self._session = session_getter
-        # The credential header(s) of this route's API are removed before proxying.
-        self.drop = HOP_BY_HOP | GATEWAY_ASSERTED | strip_headers
+        self.key_header = key_header  # the API's credential header: never forwarded
+        self.drop = HOP_BY_HOP | GATEWAY_ASSERTED | {key_header}
 
     def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict:
         drop = self.drop
@@ -54,23 +69,27 @@ class ProxyHandler(Handler):
                 drop = drop | {t.strip().lower() for t in v.split(b",")}
         pairs: list[tuple[str, str]] = []
         forwarded_for = None
-        bearer_is_key = ctx.key is not None and b"authorization" not in drop
+        host = None
+        strip_bearer = ctx.credential == "bearer"
         for k, v in scope_headers:
-            if k in drop:
+            name = k.replace(b"_", b"-") if b"_" in k else k
+            if name in drop or name.startswith(_ASSERTED_PREFIX):
                 if k == b"x-forwarded-for":
                     forwarded_for = v
+                elif k == b"host":
+                    host = v
                 continue
-            if bearer_is_key and k == b"authorization" and v[:7].lower() == b"bearer ":
+            if strip_bearer and k == b"authorization" and v[:7].lower() == b"bearer ":
                 continue  # the key came as a bearer token: do not pass it on
             pairs.append((k.decode("latin-1"), v.decode("latin-1")))
         out = CIMultiDict(pairs)
         client = ctx.client_ip
-        # Inbound X-Forwarded-For is kept only as a prefix of ours; trusting it for policy
-        # needs configured proxy CIDRs (data-plane issue).
-        xff = f"{forwarded_for.decode('latin-1')}, {client}" if forwarded_for else client
-        out["X-Forwarded-For"] = xff
+        # Inbound X-Forwarded-For is kept only as a prefix of ours (as nginx does); trusting it
+        # for policy needs configured proxy CIDRs (data-plane issue).
+        out["X-Forwarded-For"] = (
+            f"{forwarded_for.decode('latin-1')}, {client}" if forwarded_for else client
+        )
         out["X-Forwarded-Proto"] = ctx.scope.get("scheme", "http")
-        host = ctx.header(b"host")
         if host is not None:
             out["X-Forwarded-Host"] = host.decode("latin-1")
         out["X-Request-ID"] = ctx.request_id
@@ -84,10 +103,12 @@ class ProxyHandler(Handler):
         """The request body: bytes when it came in one message, else a streaming iterator."""
         first = await ctx.receive()
         if first["type"] == "http.disconnect":
-            raise ConnectionResetError("client went away")
+            ctx.client_gone = True
+            raise ClientDisconnected
         chunk = first.get("body", b"")
         ctx.bytes_in += len(chunk)
         if not first.get("more_body", False):
+            ctx.body_done = True
             return chunk or None
 
         async def stream():
@@ -96,15 +117,30 @@ class ProxyHandler(Handler):
             while True:
                 msg = await ctx.receive()
                 if msg["type"] == "http.disconnect":
-                    raise ConnectionResetError("client went away")
+                    ctx.client_gone = True
+                    raise ClientDisconnected
                 data = msg.get("body", b"")
                 if data:
                     ctx.bytes_in += len(data)
                     yield data
                 if not msg.get("more_body", False):
+                    ctx.body_done = True
                     return
 
         return stream()
+
+    def _upstream_path(self, ctx: RequestContext) -> str:
+        """The path to send upstream: the client's own bytes where that is safe."""
+        route = ctx.route
+        strip = route.api_prefix if route.strip_prefix else ""
+        raw = ctx.scope.get("raw_path")
+        # When normalising changed nothing, forward the raw bytes (keeping %2F, %FF, …) after
+        # the prefix; otherwise the normalised path that the route was matched on.
+        if raw and ctx.path == ctx.scope["path"] and raw.startswith(strip.encode()):
+            raw_path = raw.split(b"?", 1)[0][len(strip) :].decode("latin-1")
+            return raw_path if raw_path.startswith("/") else "/" + raw_path
+        path = ctx.path[len(strip) :] if strip else ctx.path
+        return quote(path or "/", safe=_PATH_SAFE)
 
     async def handle(self, ctx: RequestContext) -> LocalResponse | None:
         route = ctx.route
@@ -117,26 +153,23 @@ class ProxyHandler(Handler):
                 f"Upstream '{route.upstream.name}' has no enabled target.",
                 request_id=ctx.request_id,
             )
-        path = ctx.path
-        if route.strip_prefix and route.api_prefix:
-            path = path[len(route.api_prefix) :] or "/"
-        url = target.base_url + quote(path, safe=_PATH_SAFE)
+        url = target.base_url + self._upstream_path(ctx)
         query = ctx.scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
         headers = self._upstream_headers(ctx)
-        data = await self._body(ctx)
-        timeout = route.upstream.timeout
-        sent = time.perf_counter()
         send = ctx.send
+        watcher: asyncio.Task | None = None
         try:
+            data = await self._body(ctx)
+            sent = time.perf_counter()
             async with self._session().request(
                 ctx.method,
                 URL(url, encoded=True),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
-                timeout=timeout,
+                timeout=route.upstream.timeout,
             ) as resp:
                 ctx.upstream_latency = time.perf_counter() - sent
                 out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_RETURNED]
@@ -145,26 +178,53 @@ class ProxyHandler(Handler):
                 ctx.status = resp.status
                 ctx.response_started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
-                async for chunk in resp.content.iter_any():
+                content = resp.content
+                async for chunk in content.iter_any():
                     ctx.bytes_out += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if watcher is None and ctx.body_done and not content.at_eof():
+                        # A response still going after its first chunk may be long (a stream):
+                        # watch for the client leaving. Short answers never pay for a task.
+                        ctx.task = asyncio.current_task()
+                        watcher = asyncio.create_task(_cancel_on_disconnect(ctx))
+                if watcher is not None:
+                    watcher.cancel()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            ctx.error_kind = "upstream_timeout"
+        except Exception as exc:
+            if ctx.client_gone:
+                return None  # nobody to answer; logged as 499
             if ctx.response_started:
+                ctx.error_kind = "upstream_aborted"
                 raise
-            return problem(
-                "gateway-timeout",
-                f"Upstream '{route.upstream.name}' did not answer in time.",
-                request_id=ctx.request_id,
-            )
-        except aiohttp.ClientError as exc:
-            ctx.error_kind = "upstream_error"
-            if ctx.response_started:
-                raise
-            return problem(
-                "bad-gateway",
-                f"Upstream '{route.upstream.name}' could not be reached ({type(exc).__name__}).",
-                request_id=ctx.request_id,
-            )
+            if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+                ctx.error_kind = "upstream_timeout"
+                return problem(
+                    "gateway-timeout",
+                    f"Upstream '{route.upstream.name}' did not answer in time.",
+                    request_id=ctx.request_id,
+                )
+            if isinstance(exc, aiohttp.ClientError):
+                ctx.error_kind = "upstream_error"
+                return problem(
+                    "bad-gateway",
+                    f"Upstream '{route.upstream.name}' could not be reached "
+                    f"({type(exc).__name__}).",
+                    request_id=ctx.request_id,
+                )
+            raise
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
         return None
+
+
+async def _cancel_on_disconnect(ctx: RequestContext) -> None:
+    """Wait for the client to disconnect, then cancel the request's task (and its upstream)."""
+    owner = ctx.task
+    while True:
+        msg = await ctx.receive()
+        if msg["type"] == "http.disconnect":
+            ctx.client_gone = True
+            if owner is not None:
+                owner.cancel()
+            return
