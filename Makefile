@@ -41,6 +41,7 @@ run: install
 	@echo "  Portal:        http://127.0.0.1:$${PORTAL_PORT:-8000}/"
 	@echo "  Django admin:  http://127.0.0.1:$${PORTAL_PORT:-8000}/admin/  (user admin)"
 	@echo "  Gateway:       http://127.0.0.1:8080/demo/anything  (send X-API-Key)"
+	@echo "  Gateway ops:   http://127.0.0.1:9080/metrics  /healthz  /readyz  (loopback only)"
 	@echo "  Demo upstream: http://127.0.0.1:$${DEMO_UPSTREAM_PORT:-9000}/"
 	@echo "  Emails (verification links) are printed below by the portal process."
 	@echo "  A key for scripts: $(PY) manage.py createapikey --email you@example.com --plan free"

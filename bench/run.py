@@ -872,7 +872,12 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     log("database: migrate, seeddemo, bench plan, API key")
     key = prepare_database(env, upstream_port)
     log("gateway")
-    gw_env = {**env, "GATEWAY_BIND": f"127.0.0.1:{gateway_port}", "GATEWAY_WORKERS": "1"}
+    gw_env = {
+        **env,
+        "GATEWAY_BIND": f"127.0.0.1:{gateway_port}",
+        "GATEWAY_OPS_BIND": f"127.0.0.1:{free_port()}",
+        "GATEWAY_WORKERS": "1",
+    }
     gateway = procs.start(
         "gateway",
         [

@@ -187,6 +187,8 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 GATEWAY = {
     # How often each worker checks the config version (seconds). Bounds how long a revoked
     # key keeps working.
+    # The operations listener (/metrics, /healthz, /readyz); keep it off public interfaces.
+    "OPS_BIND": env_str("GATEWAY_OPS_BIND", "127.0.0.1:9080"),
     "CONFIG_POLL_INTERVAL": env_float("GATEWAY_CONFIG_POLL_INTERVAL", 0.5, minimum=0.05),
     "LOG_BUFFER_SIZE": env_int("GATEWAY_LOG_BUFFER_SIZE", 50_000, minimum=100),
     "LOG_BATCH_SIZE": env_int("GATEWAY_LOG_BATCH_SIZE", 1_000, minimum=1),

@@ -106,6 +106,10 @@ class Stack:
     upstream_port: int
     procs: dict[str, Proc]
     env: dict[str, str]
+    ops_port: int
+
+    def ops(self, path: str) -> requests.Response:
+        return requests.get(f"http://127.0.0.1:{self.ops_port}{path}", timeout=10)
 
     def get(self, path: str, **kw) -> requests.Response:
         return requests.get(self.gateway_url + path, timeout=10, **kw)
@@ -164,13 +168,14 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
     var = tmp_path_factory.mktemp("stack-var")
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port, ops_port = free_port(), free_port(), free_port()
     env = child_env(
         DATABASE_URL=_database_url(),
         SECRET_KEY=settings.SECRET_KEY,
         API_KEY_HMAC_SECRET=settings.API_KEY_HMAC_SECRET,
         VAR_DIR=str(var),
         GATEWAY_BIND=f"127.0.0.1:{gateway_port}",
+        GATEWAY_OPS_BIND=f"127.0.0.1:{ops_port}",
         GATEWAY_WORKERS="2" if settings.REDIS_URL else "1",
         GATEWAY_LOG_FLUSH_INTERVAL="0.2",
     )
@@ -221,7 +226,9 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         )
         wait_until(lambda: port_open(upstream_port), timeout=30, what="the upstream")
         wait_until(lambda: port_open(gateway_port), timeout=30, what="the gateway")
-        yield Stack(f"http://127.0.0.1:{gateway_port}", gateway_port, upstream_port, procs, env)
+        yield Stack(
+            f"http://127.0.0.1:{gateway_port}", gateway_port, upstream_port, procs, env, ops_port
+        )
     finally:
         for proc in reversed(procs.values()):
             proc.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,11 @@ from random import getrandbits  # reseeded in each forked worker by CPython
 
 import aiohttp
 
+from gateway.dataplane import metrics
 from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redis_client
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
+from gateway.dataplane.metrics import MetricsStage
 from gateway.dataplane.problems import problem
 from gateway.dataplane.router import MethodNotAllowed, normalize_path
 from gateway.dataplane.settings import GatewaySettings, load_settings
@@ -87,6 +90,8 @@ class GatewayApp:
         self.log_stage: LogStage | None = None
         self._config_changed = asyncio.Event()
         self._errors = ThrottledLog(log, interval=1.0)
+        self.metrics_stage = MetricsStage()
+        self._ops_port = -1
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -117,6 +122,7 @@ class GatewayApp:
     # --- start and stop -----------------------------------------------------------------
     async def startup(self) -> None:
         s = self.settings = self.settings or load_settings()
+        self._ops_port = s.ops_port
         connector = aiohttp.TCPConnector(
             limit=s.upstream_pool_size, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=60
         )
@@ -147,6 +153,7 @@ class GatewayApp:
             self._tasks.append(asyncio.create_task(self._persist_counters(), name="counters"))
         if self._redis is not None:
             self._tasks.append(asyncio.create_task(self._listen_config(), name="config-listen"))
+        self._tasks.append(asyncio.create_task(self._report_gauges(), name="gauges"))
         # Everything loaded so far (Django, models, the snapshot) lives as long as the worker:
         # keep it out of the cyclic GC's generations so collections stay short (no long
         # pauses in the latency tail), and collect the young generation less often.
@@ -254,6 +261,61 @@ class GatewayApp:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
+    # --- operations: metrics, health, readiness ------------------------------------------
+    async def _report_gauges(self) -> None:
+        while True:
+            self._set_gauges()
+            await asyncio.sleep(1.0)
+
+    def _set_gauges(self) -> None:
+        buffer = self.buffer
+        if buffer is not None:
+            metrics.LOG_BUFFER.set(len(buffer))
+            metrics.LOG_DROPPED.set(buffer.dropped)
+        metrics.LIMITER_STORE_ERRORS.set(getattr(self.limiter, "store_errors", 0))
+        if self.snapshot is not None:
+            metrics.CONFIG_VERSION.set(self.snapshot.version)
+            metrics.SNAPSHOT_BUILD.set(self.snapshot.build_seconds)
+
+    async def handle_ops(self, scope, send) -> None:
+        """The operations listener: never routed, never logged as traffic."""
+        path = scope["path"]
+        status, ctype = 200, b"application/json"
+        if path == "/metrics":
+            self._set_gauges()
+            body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)
+            ctype = b"text/plain; version=0.0.4; charset=utf-8"
+        elif path == "/healthz":
+            body = b'{"status":"ok"}'
+        elif path == "/readyz":
+            snap = self.snapshot
+            if snap is None:
+                status, body = 503, b'{"status":"no configuration loaded"}'
+            else:
+                body = json.dumps(
+                    {
+                        "status": "ready",
+                        "config_version": snap.version,
+                        "snapshot_age_seconds": round(time.time() - snap.built_at, 3),
+                        "routes": len(snap.router),
+                        "keys": len(snap.keys),
+                    }
+                ).encode()
+        else:
+            status, body = 404, b'{"status":"not found: /metrics, /healthz, /readyz"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", ctype),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
     # --- embedded quota counters ------------------------------------------------------------
     def _load_counters(self) -> None:
         from portal.models import QuotaCounter
@@ -300,6 +362,10 @@ class GatewayApp:
 
     # --- the hot path -----------------------------------------------------------------------
     async def handle_http(self, scope, receive, send) -> None:
+        server = scope.get("server")
+        if server is not None and server[1] == self._ops_port:
+            await self.handle_ops(scope, send)
+            return
         client = scope.get("client")
         ctx = RequestContext(
             scope=scope,
@@ -343,6 +409,7 @@ class GatewayApp:
                     stage.on_complete(ctx)
             if self.log_stage is not None:
                 self.log_stage.on_complete(ctx)
+            self.metrics_stage.on_complete(ctx)
 
     async def _dispatch(self, ctx: RequestContext) -> LocalResponse | None:
         snapshot = self.snapshot

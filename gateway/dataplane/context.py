@@ -51,6 +51,10 @@ class RequestContext:
     client_gone: bool = False  # the client disconnected before the response was complete
     task: Any = None  # the asyncio task serving this request
 
+    def elapsed(self) -> float:
+        """Seconds since the request arrived."""
+        return time.perf_counter() - self.started
+
     def header(self, name: bytes) -> bytes | None:
         """First value of request header `name` (lower-case bytes), or None."""
         for k, v in self.scope["headers"]:

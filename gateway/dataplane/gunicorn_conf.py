@@ -2,11 +2,35 @@
 
 import multiprocessing
 import os
+import shutil
 import sys
+from pathlib import Path
 
 wsgi_app = "gateway.dataplane.asgi:app"
 worker_class = "gateway.dataplane.worker.GatewayWorker"
-bind = [os.environ.get("GATEWAY_BIND", "127.0.0.1:8080")]
+# The public bind, and the operations bind (/metrics, /healthz, /readyz) that must never be
+# exposed publicly: the app tells them apart by the port a request came in on.
+bind = [
+    os.environ.get("GATEWAY_BIND", "127.0.0.1:8080"),
+    os.environ.get("GATEWAY_OPS_BIND", "127.0.0.1:9080"),
+]
+_var = Path(os.environ.get("VAR_DIR") or Path(__file__).resolve().parents[2] / "var")
+# prometheus-client multiprocess mode: every worker writes its samples under this folder.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_var / f"prometheus-{bind[1].rsplit(':', 1)[-1]}")
+
+
+def on_starting(server) -> None:
+    """A fresh metrics folder per start: files of dead workers from last time must not count."""
+    folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def child_exit(server, worker) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
 
 _redis = os.environ.get("REDIS_URL", "")
 _raw_workers = os.environ.get("GATEWAY_WORKERS", "")

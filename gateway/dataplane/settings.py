@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
+    ops_port: int
     config_poll_interval: float
     log_buffer_size: int
     log_batch_size: int
@@ -27,7 +28,16 @@ def load_settings() -> GatewaySettings:
     from django.conf import settings
 
     g = settings.GATEWAY
+    try:
+        ops_port = int(g["OPS_BIND"].rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            f"GATEWAY_OPS_BIND must be host:port, got {g['OPS_BIND']!r}"
+        ) from None
     return GatewaySettings(
+        ops_port=ops_port,
         config_poll_interval=g["CONFIG_POLL_INTERVAL"],
         log_buffer_size=g["LOG_BUFFER_SIZE"],
         log_batch_size=g["LOG_BATCH_SIZE"],

@@ -1,0 +1,90 @@
+"""Prometheus metrics of the data plane, in prometheus-client's multiprocess mode.
+
+Each gunicorn worker writes its samples to memory-mapped files under PROMETHEUS_MULTIPROC_DIR
+(set by gunicorn_conf.py before any worker starts), so one scrape of any worker covers them
+all. Labels are bounded: API slug and status class, never a key or consumer (cardinality).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from gateway.dataplane.context import RequestContext
+from gateway.dataplane.pipeline import Stage
+
+REQUESTS = Counter(
+    "gateway_requests_total", "Requests answered, by API and status class.", ["api", "status"]
+)
+LATENCY = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from request to the end of the response, by API.",
+    ["api"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors_total",
+    "Requests whose upstream failed (unreachable, timed out, aborted), by API and kind.",
+    ["api", "kind"],
+)
+LIMITER_STORE_ERRORS = Gauge(
+    "gateway_limiter_store_errors",
+    "Limiter store (Redis) failures since the worker started; requests were let through.",
+    multiprocess_mode="livesum",
+)
+LOG_BUFFER = Gauge(
+    "gateway_log_buffer_events", "Log events waiting to be shipped.", multiprocess_mode="livesum"
+)
+LOG_DROPPED = Gauge(
+    "gateway_log_events_dropped",
+    "Log events dropped because the buffer was full, since the worker started.",
+    multiprocess_mode="livesum",
+)
+CONFIG_VERSION = Gauge(
+    "gateway_config_version", "Config version of the worker's snapshot.", multiprocess_mode="min"
+)
+SNAPSHOT_BUILD = Gauge(
+    "gateway_snapshot_build_seconds",
+    "Time the worker took to compile its current snapshot.",
+    multiprocess_mode="max",
+)
+_UPSTREAM_KINDS = {"upstream_error", "upstream_timeout", "upstream_aborted", "no_target"}
+_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class MetricsStage(Stage):
+    """Counts every request; label children are cached so that a request costs two lookups."""
+
+    name = "metrics"
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, int], object] = {}
+        self._latency: dict[str, object] = {}
+
+    def on_complete(self, ctx: RequestContext) -> None:
+        api = ctx.route.api_slug if ctx.route is not None else ""
+        cls = ctx.status // 100
+        key = (api, cls)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = REQUESTS.labels(api, _CLASSES.get(cls, "other"))
+        counter.inc()
+        hist = self._latency.get(api)
+        if hist is None:
+            hist = self._latency[api] = LATENCY.labels(api)
+        hist.observe(ctx.elapsed())
+        if ctx.error_kind in _UPSTREAM_KINDS:
+            UPSTREAM_ERRORS.labels(api, ctx.error_kind).inc()
+
+
+def render() -> bytes:
+    """The text exposition of every worker's metrics (reads the multiprocess files)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)

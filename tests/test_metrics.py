@@ -1,0 +1,109 @@
+"""The operations listener: Prometheus metrics over every worker, health and readiness."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import active_key, make_catalog, make_user, wait_for_config, wait_for_key
+from tests.procs import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = ",".join(sorted((m.group(2) or "").split(","))) if m.group(2) else ""
+        if got == want:
+            return float(m.group(3))
+    return 0.0
+
+
+@pytest.fixture
+def live(stack, transactional_db):
+    catalog = make_catalog(stack.upstream_port)
+    wait_for_config(stack)
+    yield catalog
+    stack.wait_ingest_idle()
+
+
+def test_health_and_readiness(stack, live):
+    assert stack.ops("/healthz").json() == {"status": "ok"}
+    ready = stack.ops("/readyz").json()
+    assert ready["status"] == "ready"
+    assert ready["routes"] == 1
+    assert ready["config_version"] >= 1
+
+
+def test_ops_paths_are_not_served_on_the_public_port(stack, live):
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert stack.get(path).status_code == 404
+
+
+def test_metrics_count_requests_of_every_worker_by_api_and_status_class(stack, live):
+    dev = make_user("metrics@example.com")
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    before = stack.ops("/metrics").text
+    ok_before = sample(before, "gateway_requests_total", api="demo", status="2xx")
+    denied_before = sample(before, "gateway_requests_total", api="demo", status="4xx")
+    for _ in range(20):
+        assert stack.get("/demo/m", headers={"X-API-Key": issued.key}).status_code == 200
+    for _ in range(5):
+        assert stack.get("/demo/m").status_code == 401
+
+    def counted() -> bool:
+        text = stack.ops("/metrics").text
+        ok = sample(text, "gateway_requests_total", api="demo", status="2xx") - ok_before
+        denied = sample(text, "gateway_requests_total", api="demo", status="4xx") - denied_before
+        return ok == 20 and denied == 5
+
+    # With Redis the stack runs two workers: the sums prove one scrape covers both.
+    wait_until(counted, timeout=5, what="the request counters to add up")
+    text = stack.ops("/metrics").text
+    assert sample(text, "gateway_request_duration_seconds_count", api="demo") >= 25
+    assert "gateway_config_version" in text
+    assert "gateway_log_buffer_events" in text
+    assert "gateway_log_events_dropped" in text
+    assert issued.api_key.key_id not in text  # no per-key labels
+
+
+def test_upstream_errors_are_counted(stack, live):
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from gateway.models import Target
+    from tests.procs import free_port
+
+    with transaction.atomic():
+        Target.objects.filter(upstream=live.upstream).update(port=free_port())
+        config_bump(reason="closed port")
+    dev = make_user("errors@example.com")
+    issued = active_key(dev, live.free)
+    wait_for_key(stack, issued.key)
+    before = sample(
+        stack.ops("/metrics").text,
+        "gateway_upstream_errors_total",
+        api="demo",
+        kind="upstream_error",
+    )
+    assert stack.get("/demo/x", headers={"X-API-Key": issued.key}).status_code == 502
+    wait_until(
+        lambda: (
+            sample(
+                stack.ops("/metrics").text,
+                "gateway_upstream_errors_total",
+                api="demo",
+                kind="upstream_error",
+            )
+            == before + 1
+        ),
+        timeout=5,
+        what="the upstream error to be counted",
+    )
