@@ -266,8 +266,8 @@ def ingest_stream(
     stream: str,
     *,
     group: str = "ingest",
-    count: int = 1000,
-    max_batches: int = 50,
+    count: int = 10,  # entries per transaction; each entry is a batch of up to 1000 events
+    max_batches: int = 500,
     claim_idle_ms: int = 60_000,
 ) -> int:
     """Ingest from a Redis stream with a consumer group; acknowledge after commit."""
@@ -281,9 +281,15 @@ def ingest_stream(
             raise
     total = 0
     # Entries delivered to a consumer that died before acknowledging are taken over.
-    _, claimed, *_ = client.xautoclaim(stream, group, consumer, claim_idle_ms, "0-0", count=count)
-    if claimed:
-        total += _ingest_entries(client, stream, group, claimed)
+    cursor = "0-0"
+    for _ in range(max_batches):
+        cursor, claimed, *_ = client.xautoclaim(
+            stream, group, consumer, claim_idle_ms, cursor, count=count
+        )
+        if claimed:
+            total += _ingest_entries(client, stream, group, claimed)
+        if cursor in (b"0-0", "0-0"):
+            break
     for _ in range(max_batches):
         resp = client.xreadgroup(group, consumer, {stream: ">"}, count=count)
         if not resp:
@@ -331,7 +337,11 @@ def ingest_pending() -> int:
 
         client = redis.Redis.from_url(settings.REDIS_URL)
         try:
-            return ingest_stream(client, settings.GATEWAY["LOG_STREAM"])
+            return ingest_stream(
+                client,
+                settings.GATEWAY["LOG_STREAM"],
+                claim_idle_ms=settings.ANALYTICS["CLAIM_IDLE_SECONDS"] * 1000,
+            )
         finally:
             client.close()
     return ingest_spool(settings.GATEWAY["LOG_SPOOL_DIR"])

@@ -208,6 +208,16 @@ GATEWAY = {
     "MAX_URL_BYTES": env_int("GATEWAY_MAX_URL_BYTES", 8 * 1024, minimum=256),
 }
 
+# --- Analytics ----------------------------------------------------------------------------
+ANALYTICS = {
+    # Stream entries delivered to an ingest worker that died unacknowledged are taken over by
+    # another after this long.
+    "CLAIM_IDLE_SECONDS": env_int("ANALYTICS_CLAIM_IDLE_SECONDS", 60, minimum=1),
+    # Raw events are pruned after this many days; rollups stay.
+    "RAW_RETENTION_DAYS": env_int("ANALYTICS_RAW_RETENTION_DAYS", 30, minimum=1),
+    "PRUNE_BATCH": env_int("ANALYTICS_PRUNE_BATCH", 5_000, minimum=100),
+}
+
 # --- Accounts (django-allauth) ----------------------------------------------------------
 AUTH_USER_MODEL = "portal.User"
 AUTHENTICATION_BACKENDS = [
