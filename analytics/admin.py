@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from analytics.models import MinuteRollup, RequestEvent
+from analytics.models import RequestEvent, Rollup
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -21,8 +21,18 @@ class RequestEventAdmin(ReadOnlyAdmin):
     date_hierarchy = "time"
 
 
-@admin.register(MinuteRollup)
-class MinuteRollupAdmin(ReadOnlyAdmin):
-    list_display = ["bucket", "api_id", "key_id", "status_class", "count", "bytes_out"]
-    list_filter = ["status_class", "api_id"]
+@admin.register(Rollup)
+class RollupAdmin(ReadOnlyAdmin):
+    list_display = [
+        "bucket",
+        "granularity",
+        "dimension",
+        "dim_id",
+        "api_id",
+        "status_class",
+        "count",
+        "errors",
+        "bytes_out",
+    ]
+    list_filter = ["granularity", "dimension", "status_class"]
     date_hierarchy = "bucket"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections import defaultdict
+from bisect import bisect_left
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import DataError, IntegrityError, connection, transaction
 
-from analytics.models import MinuteRollup, RequestEvent
+from analytics.models import HISTOGRAM_FIELDS, LATENCY_BUCKETS_MS, RequestEvent, Rollup
 from gateway.dataplane.logship import decode_batch
 from portal.models import ApiKey
 
@@ -183,38 +183,74 @@ def _insert_raw(chunk: list[Event], ops) -> set[str]:
         return {r[0] for r in cur.fetchall()}
 
 
+_ADDITIVE = ("count", "errors", "bytes_in", "bytes_out", "latency_ms_sum", *HISTOGRAM_FIELDS)
+_ROLLUP_COLUMNS = (
+    "granularity",
+    "bucket",
+    "dimension",
+    "dim_id",
+    "api_id",
+    "status_class",
+    *_ADDITIVE,
+)
+_NBUCKETS = len(HISTOGRAM_FIELDS)
+
+
+def aggregate(events: list[Event]) -> dict[tuple, list]:
+    """Pre-aggregate events into rollup rows, keyed like the table's unique constraint."""
+    acc: dict[tuple, list] = {}
+    for e in events:
+        minute = e.time.replace(second=0, microsecond=0)
+        hour = minute.replace(minute=0)
+        day = hour.replace(hour=0)
+        cls = max(1, min(5, e.status // 100))
+        api = e.api_id or 0
+        dims = [("api", api)]
+        if e.route_id:
+            dims.append(("route", e.route_id))
+        if e.key_id:
+            dims.append(("key", e.key_id))
+        if e.organization_id:
+            dims.append(("org", e.organization_id))
+        h = bisect_left(LATENCY_BUCKETS_MS, e.latency_ms)
+        error = 1 if e.error_kind else 0
+        for gran, bucket in (("m", minute), ("h", hour), ("d", day)):
+            for dim, dim_id in dims:
+                k = (gran, dim, dim_id, bucket, cls)
+                row = acc.get(k)
+                if row is None:
+                    row = acc[k] = [api, 0, 0, 0, 0, 0.0] + [0] * _NBUCKETS
+                row[1] += 1
+                row[2] += error
+                row[3] += e.bytes_in
+                row[4] += e.bytes_out
+                row[5] += e.latency_ms
+                row[6 + h] += 1
+    return acc
+
+
 def _upsert_rollups(events: list[Event], ops) -> None:
     if not events:
         return
-    acc: dict[tuple, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
-    for e in events:
-        bucket = e.time.replace(second=0, microsecond=0)
-        a = acc[(bucket, e.api_id or 0, e.key_id or 0, max(1, min(5, e.status // 100)))]
-        a[0] += 1
-        a[1] += e.bytes_in
-        a[2] += e.bytes_out
-        a[3] += e.latency_ms
-        a[4] = max(a[4], e.latency_ms)
-    table = MinuteRollup._meta.db_table
-    greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+    acc = aggregate(events)
+    table = Rollup._meta.db_table
+    updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _ADDITIVE)
+    placeholders = "(" + ",".join(["%s"] * len(_ROLLUP_COLUMNS)) + ")"
     # Sorted so that concurrent ingesters lock rollup rows in the same order (no deadlock).
     keys = sorted(acc)
-    for i in range(0, len(keys), _CHUNK):
-        part = keys[i : i + _CHUNK]
+    chunk = 500  # x 27 parameters: under SQLite's and PostgreSQL's limits
+    for i in range(0, len(keys), chunk):
+        part = keys[i : i + chunk]
         params: list[object] = []
-        for k in part:
-            a = acc[k]
-            params += [ops.adapt_datetimefield_value(k[0]), k[1], k[2], k[3], *a]
-        values = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(part))
+        for gran, dim, dim_id, bucket, cls in part:
+            row = acc[(gran, dim, dim_id, bucket, cls)]
+            params += [gran, ops.adapt_datetimefield_value(bucket), dim, dim_id, row[0], cls]
+            params += row[1:]
         sql = (
-            f"INSERT INTO {table} (bucket, api_id, key_id, status_class, count, bytes_in, "
-            f"bytes_out, latency_ms_sum, latency_ms_max) VALUES {values} "
-            "ON CONFLICT (bucket, api_id, key_id, status_class) DO UPDATE SET "
-            f"count = {table}.count + excluded.count, "
-            f"bytes_in = {table}.bytes_in + excluded.bytes_in, "
-            f"bytes_out = {table}.bytes_out + excluded.bytes_out, "
-            f"latency_ms_sum = {table}.latency_ms_sum + excluded.latency_ms_sum, "
-            f"latency_ms_max = {greatest}({table}.latency_ms_max, excluded.latency_ms_max)"
+            f"INSERT INTO {table} ({','.join(_ROLLUP_COLUMNS)}) "
+            f"VALUES {','.join([placeholders] * len(part))} "
+            "ON CONFLICT (granularity, dimension, dim_id, bucket, status_class) "
+            f"DO UPDATE SET {updates}"
         )
         with connection.cursor() as cur:
             cur.execute(sql, params)

@@ -28,26 +28,70 @@ class RequestEvent(models.Model):
         return f"{self.time:%Y-%m-%d %H:%M:%S} {self.method} {self.status}"
 
 
-class MinuteRollup(models.Model):
-    """Requests per minute by API, key and status class. 0 stands for "none" in ids."""
+# Upper bounds (ms) of the latency histogram buckets; the last bucket is everything above.
+LATENCY_BUCKETS_MS = (
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000
+)  # fmt: skip
+HISTOGRAM_FIELDS = tuple(f"h{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1))
 
+
+class Rollup(models.Model):
+    """Requests per time bucket for one dimension value and status class.
+
+    One narrow table for every granularity (minute, hour, day) and dimension (API, route,
+    key, organization): charts and exports read and merge these rows, never raw events.
+    Latency is a fixed-bucket histogram (h0..h15, bounds in LATENCY_BUCKETS_MS), so
+    percentiles can be read from any merge of rows.
+    """
+
+    class Granularity(models.TextChoices):
+        MINUTE = "m", "minute"
+        HOUR = "h", "hour"
+        DAY = "d", "day"
+
+    class Dimension(models.TextChoices):
+        API = "api", "API"
+        ROUTE = "route", "API route"
+        KEY = "key", "API key"
+        ORG = "org", "organization"
+
+    granularity = models.CharField(max_length=1, choices=Granularity.choices)
     bucket = models.DateTimeField()
-    api_id = models.BigIntegerField()
-    key_id = models.BigIntegerField()
+    dimension = models.CharField(max_length=5, choices=Dimension.choices)
+    dim_id = models.BigIntegerField()  # 0 stands for "none" (e.g. requests without a key)
+    api_id = models.BigIntegerField()  # 0 when no API matched
     status_class = models.PositiveSmallIntegerField()  # 1..5 for 1xx..5xx
     count = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)  # gateway-side failures (error kind set)
     bytes_in = models.BigIntegerField(default=0)
     bytes_out = models.BigIntegerField(default=0)
     latency_ms_sum = models.FloatField(default=0)
-    latency_ms_max = models.FloatField(default=0)
+    h0 = models.BigIntegerField(default=0)
+    h1 = models.BigIntegerField(default=0)
+    h2 = models.BigIntegerField(default=0)
+    h3 = models.BigIntegerField(default=0)
+    h4 = models.BigIntegerField(default=0)
+    h5 = models.BigIntegerField(default=0)
+    h6 = models.BigIntegerField(default=0)
+    h7 = models.BigIntegerField(default=0)
+    h8 = models.BigIntegerField(default=0)
+    h9 = models.BigIntegerField(default=0)
+    h10 = models.BigIntegerField(default=0)
+    h11 = models.BigIntegerField(default=0)
+    h12 = models.BigIntegerField(default=0)
+    h13 = models.BigIntegerField(default=0)
+    h14 = models.BigIntegerField(default=0)
+    h15 = models.BigIntegerField(default=0)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["bucket", "api_id", "key_id", "status_class"], name="minute_rollup_unique"
+                fields=["granularity", "dimension", "dim_id", "bucket", "status_class"],
+                name="rollup_unique",
             )
         ]
-        indexes = [models.Index(fields=["key_id", "bucket"]), models.Index(fields=["bucket"])]
+        indexes = [models.Index(fields=["granularity", "bucket"])]
 
     def __str__(self) -> str:
-        return f"{self.bucket:%Y-%m-%d %H:%M} api {self.api_id} key {self.key_id}"
+        when = f"{self.bucket:%Y-%m-%d %H:%M}"
+        return f"{self.get_granularity_display()} {when} {self.dimension} {self.dim_id}"

@@ -1,39 +1,105 @@
-"""Reads for charts: always from rollups, never from raw events."""
+"""Reads for charts and exports: always from rollups, never from raw events."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.db.models import Sum
 from django.utils import timezone
 
-from analytics.models import MinuteRollup
+from analytics.models import HISTOGRAM_FIELDS, LATENCY_BUCKETS_MS, Rollup
 
 STATUS_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+STEP = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+LABEL_FORMAT = {"m": "%H:%M", "h": "%m-%d %H:00", "d": "%Y-%m-%d"}
 
 
-def key_usage_series(key_pk: int, *, minutes: int = 60, now: datetime | None = None) -> dict:
-    """Requests per minute for one key over the last `minutes`, by status class, gaps filled."""
-    now = now or timezone.now()
-    end = now.replace(second=0, microsecond=0)
-    start = end - timedelta(minutes=minutes - 1)
-    rows = (
-        MinuteRollup.objects.filter(key_id=key_pk, bucket__gte=start, bucket__lte=end)
+def bucket_start(t: datetime, granularity: str) -> datetime:
+    """The start of the minute, hour or UTC day containing `t`."""
+    t = t.astimezone(UTC).replace(second=0, microsecond=0)
+    if granularity in ("h", "d"):
+        t = t.replace(minute=0)
+    if granularity == "d":
+        t = t.replace(hour=0)
+    return t
+
+
+def percentiles(histogram: list[int], qs=(0.5, 0.95, 0.99)) -> dict[str, float | None]:
+    """Latency percentiles (ms) from a merged fixed-bucket histogram.
+
+    Linear interpolation inside the bucket that holds the quantile; the open last bucket
+    reports its lower bound. The error is at most one bucket's width.
+    """
+    total = sum(histogram)
+    out: dict[str, float | None] = {}
+    for q in qs:
+        name = f"p{round(q * 100)}"
+        if not total:
+            out[name] = None
+            continue
+        rank = q * total
+        seen = 0
+        for i, n in enumerate(histogram):
+            if n and seen + n >= rank:
+                lower = LATENCY_BUCKETS_MS[i - 1] if i else 0.0
+                if i >= len(LATENCY_BUCKETS_MS):
+                    out[name] = float(lower)
+                else:
+                    upper = LATENCY_BUCKETS_MS[i]
+                    out[name] = round(lower + (upper - lower) * (rank - seen) / n, 3)
+                break
+            seen += n
+    return out
+
+
+def usage_series(
+    dimension: str,
+    dim_id: int,
+    *,
+    granularity: str = "m",
+    points: int = 60,
+    now: datetime | None = None,
+) -> dict:
+    """Requests per bucket by status class for one dimension value, gaps filled with zeros,
+    plus totals and latency percentiles over the whole range."""
+    step = STEP[granularity]
+    end = bucket_start(now or timezone.now(), granularity)
+    start = end - step * (points - 1)
+    rows = list(
+        Rollup.objects.filter(
+            granularity=granularity,
+            dimension=dimension,
+            dim_id=dim_id,
+            bucket__gte=start,
+            bucket__lte=end,
+        )
         .values("bucket", "status_class")
-        .annotate(n=Sum("count"))
+        .annotate(n=Sum("count"), err=Sum("errors"), **{h: Sum(h) for h in HISTOGRAM_FIELDS})
     )
-    index = {start + timedelta(minutes=i): i for i in range(minutes)}
-    series = {label: [0] * minutes for label in STATUS_CLASSES.values()}
-    total = 0
+    index = {start + step * i: i for i in range(points)}
+    series = {label: [0] * points for label in STATUS_CLASSES.values()}
+    histogram = [0] * len(HISTOGRAM_FIELDS)
+    total = errors = 0
     for r in rows:
         i = index.get(r["bucket"])
         label = STATUS_CLASSES.get(r["status_class"])
-        if i is None or label is None:
+        if i is None:
             continue
-        series[label][i] += r["n"]
+        if label is not None:
+            series[label][i] += r["n"]
         total += r["n"]
+        errors += r["err"]
+        for j, h in enumerate(HISTOGRAM_FIELDS):
+            histogram[j] += r[h]
     return {
-        "labels": [t.strftime("%H:%M") for t in index],
+        "labels": [t.strftime(LABEL_FORMAT[granularity]) for t in index],
         "series": series,
         "total": total,
+        "gateway_errors": errors,
+        "latency_ms": percentiles(histogram),
     }
+
+
+def key_usage_series(key_pk: int, *, minutes: int = 60, now: datetime | None = None) -> dict:
+    """Requests per minute for one key over the last `minutes`, by status class."""
+    return usage_series("key", key_pk, granularity="m", points=minutes, now=now)

@@ -20,4 +20,9 @@ app.conf.beat_schedule = {
         # A stopped worker must not come back to a pile of stale ticks.
         "options": {"expires": 10},
     },
+    "prune-analytics": {
+        "task": "analytics.tasks.prune_analytics",
+        "schedule": 3600.0,
+        "options": {"expires": 600},
+    },
 }

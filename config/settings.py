@@ -215,6 +215,10 @@ ANALYTICS = {
     "CLAIM_IDLE_SECONDS": env_int("ANALYTICS_CLAIM_IDLE_SECONDS", 60, minimum=1),
     # Raw events are pruned after this many days; rollups stay.
     "RAW_RETENTION_DAYS": env_int("ANALYTICS_RAW_RETENTION_DAYS", 30, minimum=1),
+    # Minute rollups are the largest; hour and day rollups are kept.
+    "MINUTE_ROLLUP_RETENTION_DAYS": env_int(
+        "ANALYTICS_MINUTE_ROLLUP_RETENTION_DAYS", 14, minimum=1
+    ),
     "PRUNE_BATCH": env_int("ANALYTICS_PRUNE_BATCH", 5_000, minimum=100),
 }
 

@@ -30,7 +30,7 @@ MODELS = [
     "portal/user",
     "portal/auditevent",
     "analytics/requestevent",
-    "analytics/minuterollup",
+    "analytics/rollup",
 ]
 
 

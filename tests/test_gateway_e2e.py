@@ -196,7 +196,7 @@ def test_unreachable_upstream_is_502(stack, live, dev):
 def test_requests_become_raw_events_and_minute_rollups(stack, live, dev):
     from django.db.models import Sum
 
-    from analytics.models import MinuteRollup, RequestEvent
+    from analytics.models import RequestEvent, Rollup
     from portal.models import ApiKey
 
     issued = active_key(dev, live.free)
@@ -209,7 +209,7 @@ def test_requests_become_raw_events_and_minute_rollups(stack, live, dev):
 
     def rollup_counts() -> dict[int, int]:
         rows = (
-            MinuteRollup.objects.filter(key_id=issued.api_key.pk)
+            Rollup.objects.filter(granularity="m", dimension="key", dim_id=issued.api_key.pk)
             .values("status_class")
             .annotate(n=Sum("count"))
         )
@@ -235,7 +235,10 @@ def test_requests_become_raw_events_and_minute_rollups(stack, live, dev):
         what="the anonymous 401 to be logged",
     )
     assert ApiKey.objects.get(pk=issued.api_key.pk).last_used_at is not None
-    total = MinuteRollup.objects.aggregate(n=Sum("count"))["n"]
+    per_api = Rollup.objects.filter(dimension="api")
+    total = per_api.filter(granularity="m").aggregate(n=Sum("count"))["n"]
+    assert total == per_api.filter(granularity="h").aggregate(n=Sum("count"))["n"]
+    assert total == per_api.filter(granularity="d").aggregate(n=Sum("count"))["n"]
     assert total == RequestEvent.objects.count()  # every event counted exactly once
 
 

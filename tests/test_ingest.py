@@ -11,8 +11,8 @@ from django.conf import settings
 from django.db.models import Sum
 
 from analytics.ingest import ingest_batch, ingest_spool, ingest_stream
-from analytics.models import MinuteRollup, RequestEvent
-from analytics.selectors import key_usage_series
+from analytics.models import RequestEvent, Rollup
+from analytics.selectors import key_usage_series, usage_series
 from gateway.dataplane.logship import EVENT_FIELDS, encode_batch
 from portal.models import ApiKey
 from tests.conftest import active_key
@@ -44,20 +44,52 @@ def event(key_id: int | None = None, status: int = 200, t: float = NOW, **kw) ->
 
 
 def rollup_total() -> int:
-    return MinuteRollup.objects.aggregate(n=Sum("count"))["n"] or 0
+    rows = Rollup.objects.filter(granularity="m", dimension="api")
+    return rows.aggregate(n=Sum("count"))["n"] or 0
 
 
-def test_a_batch_is_stored_and_rolled_up_per_minute_and_status_class():
-    batch = [event(7), event(7), event(7, status=404), event(8, status=502)]
+def test_a_batch_is_rolled_up_per_minute_hour_and_day_for_every_dimension():
+    batch = [
+        event(7, org=3),
+        event(7, org=3, ms=30.0),
+        event(7, status=404, org=3),
+        event(8, status=502, err="upstream_error"),
+    ]
     assert ingest_batch(batch) == 4
     assert RequestEvent.objects.count() == 4
-    by_class = dict(
-        MinuteRollup.objects.filter(key_id=7).values_list("status_class").annotate(n=Sum("count"))
-    )
-    assert by_class == {2: 2, 4: 1}
-    row = MinuteRollup.objects.get(key_id=7, status_class=2)
+    for gran in "mhd":
+        by_class = dict(
+            Rollup.objects.filter(granularity=gran, dimension="key", dim_id=7)
+            .values_list("status_class")
+            .annotate(n=Sum("count"))
+        )
+        assert by_class == {2: 2, 4: 1}, gran
+        assert (
+            Rollup.objects.get(granularity=gran, dimension="org", dim_id=3, status_class=2).count
+            == 2
+        )
+        api_rows = Rollup.objects.filter(granularity=gran, dimension="api", dim_id=1)
+        assert api_rows.aggregate(n=Sum("count"))["n"] == 4
+        route_rows = Rollup.objects.filter(granularity=gran, dimension="route", dim_id=1)
+        assert route_rows.aggregate(n=Sum("count"))["n"] == 4
+    row = Rollup.objects.get(granularity="m", dimension="key", dim_id=7, status_class=2)
     assert row.bytes_out == 200
-    assert row.latency_ms_sum == pytest.approx(5.0)
+    assert row.latency_ms_sum == pytest.approx(32.5)
+    assert (row.h2, row.h5) == (1, 1)  # 2.5 ms in (2, 5], 30 ms in (20, 50]
+    failed = Rollup.objects.get(granularity="h", dimension="key", dim_id=8)
+    assert (failed.status_class, failed.errors) == (5, 1)
+
+
+def test_percentiles_come_from_merged_histograms():
+    from analytics.selectors import percentiles
+
+    assert percentiles([0] * 16) == {"p50": None, "p95": None, "p99": None}
+    hist = [0] * 16
+    hist[3] = 100  # 100 requests in (5, 10] ms
+    p = percentiles(hist)
+    assert 5 <= p["p50"] <= 10 and 5 <= p["p99"] <= 10
+    hist[15] = 100  # and 100 above 60 s
+    assert percentiles(hist)["p99"] == 60_000
 
 
 def test_a_redelivered_batch_changes_nothing():
@@ -143,6 +175,9 @@ def test_usage_series_fills_gaps_and_reads_rollups():
     assert usage["series"]["5xx"][-1] == 1
     assert sum(usage["series"]["2xx"][:-1]) == 0
     assert usage["total"] == 2
+    assert 2 <= usage["latency_ms"]["p50"] <= 5
+    daily = usage_series("key", 5, granularity="d", points=7, now=now)
+    assert daily["total"] == 2 and len(daily["labels"]) == 7
 
 
 @pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL not set")
@@ -166,3 +201,40 @@ def test_stream_entries_are_acknowledged_after_commit_and_redelivery_counts_once
     finally:
         client.delete(stream)
         client.close()
+
+
+def test_retention_prunes_old_raw_events_and_minute_rollups_only(settings):
+    from datetime import timedelta
+
+    from analytics.retention import analytics_prune
+
+    settings.ANALYTICS = {**settings.ANALYTICS, "PRUNE_BATCH": 100}
+    old = NOW - 40 * 86400
+    ingest_batch([event(9, t=old) for _ in range(250)] + [event(9) for _ in range(3)])
+    result = analytics_prune()
+    assert result["raw_events"] == 250
+    assert RequestEvent.objects.count() == 3
+    assert result["minute_rollups"] >= 1
+    cutoff = datetime.now(UTC) - timedelta(days=14)
+    assert not Rollup.objects.filter(granularity="m", bucket__lt=cutoff).exists()
+    assert Rollup.objects.filter(granularity="d", bucket__lt=cutoff).exists()  # kept
+
+
+def test_rollups_rebuild_from_raw_events_gives_the_same_numbers():
+    from datetime import timedelta
+
+    from django.core.management import call_command
+
+    ingest_batch([event(11, status=s) for s in (200, 200, 404, 500)])
+    before = sorted(
+        Rollup.objects.values_list("granularity", "dimension", "dim_id", "status_class", "count")
+    )
+    Rollup.objects.all().delete()
+    day = datetime.now(UTC).date()
+    call_command(
+        "rebuildrollups", since=day.isoformat(), until=(day + timedelta(days=1)).isoformat()
+    )
+    after = sorted(
+        Rollup.objects.values_list("granularity", "dimension", "dim_id", "status_class", "count")
+    )
+    assert after == before

@@ -11,7 +11,7 @@ import pytest
 from django.conf import settings
 from django.db.models import Sum
 
-from analytics.models import MinuteRollup, RequestEvent
+from analytics.models import RequestEvent, Rollup
 from gateway.dataplane.logship import EVENT_FIELDS, encode_batch
 from tests.procs import BIN, Proc, child_env, wait_until
 
@@ -134,7 +134,9 @@ def test_sigkill_mid_batch_loses_nothing_and_counts_nothing_twice(tmp_path):
         )
     finally:
         second.stop()
-    assert MinuteRollup.objects.aggregate(n=Sum("count"))["n"] == TOTAL
+    for gran in "mhd":
+        rows = Rollup.objects.filter(granularity=gran, dimension="api")
+        assert rows.aggregate(n=Sum("count"))["n"] == TOTAL
     if settings.REDIS_URL:
         import redis
 

@@ -27,6 +27,9 @@
       chart.data.datasets = datasets(data);
       chart.update();
       document.getElementById("usage-total").textContent = data.total;
+      const fmt = (v) => (v === null || v === undefined ? "–" : v);
+      document.getElementById("latency-p50").textContent = fmt(data.latency_ms.p50);
+      document.getElementById("latency-p95").textContent = fmt(data.latency_ms.p95);
       document.getElementById("usage-empty").hidden = data.total > 0;
       if (data.quota) {
         document.getElementById("quota-used").textContent = data.quota.used;
