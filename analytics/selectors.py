@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from analytics.models import HISTOGRAM_FIELDS, LATENCY_BUCKETS_MS, Rollup
@@ -54,27 +54,26 @@ def percentiles(histogram: list[int], qs=(0.5, 0.95, 0.99)) -> dict[str, float |
 
 def usage_series(
     dimension: str,
-    dim_id: int,
+    dim_id: int | None,
     *,
     granularity: str = "m",
     points: int = 60,
     now: datetime | None = None,
 ) -> dict:
-    """Requests per bucket by status class for one dimension value, gaps filled with zeros,
-    plus totals and latency percentiles over the whole range."""
+    """Requests per bucket by status class for one dimension value (None: all of them),
+    gaps filled with zeros, plus totals and latency percentiles over the whole range."""
     step = STEP[granularity]
     end = bucket_start(now or timezone.now(), granularity)
     start = end - step * (points - 1)
+    rows = Rollup.objects.filter(
+        granularity=granularity, dimension=dimension, bucket__gte=start, bucket__lte=end
+    )
+    if dim_id is not None:
+        rows = rows.filter(dim_id=dim_id)
     rows = list(
-        Rollup.objects.filter(
-            granularity=granularity,
-            dimension=dimension,
-            dim_id=dim_id,
-            bucket__gte=start,
-            bucket__lte=end,
+        rows.values("bucket", "status_class").annotate(
+            n=Sum("count"), err=Sum("errors"), **{h: Sum(h) for h in HISTOGRAM_FIELDS}
         )
-        .values("bucket", "status_class")
-        .annotate(n=Sum("count"), err=Sum("errors"), **{h: Sum(h) for h in HISTOGRAM_FIELDS})
     )
     index = {start + step * i: i for i in range(points)}
     series = {label: [0] * points for label in STATUS_CLASSES.values()}
@@ -103,3 +102,74 @@ def usage_series(
 def key_usage_series(key_pk: int, *, minutes: int = 60, now: datetime | None = None) -> dict:
     """Requests per minute for one key over the last `minutes`, by status class."""
     return usage_series("key", key_pk, granularity="m", points=minutes, now=now)
+
+
+RANGES = {  # name -> (granularity, points)
+    "24h": ("h", 24),
+    "7d": ("h", 24 * 7),
+    "30d": ("d", 30),
+}
+
+
+def top(
+    dimension: str,
+    *,
+    granularity: str,
+    since: datetime,
+    limit: int = 10,
+) -> list[dict]:
+    """The dimension values with the most requests since `since`: count, error rate, p95."""
+    rows = (
+        Rollup.objects.filter(granularity=granularity, dimension=dimension, bucket__gte=since)
+        .values("dim_id")
+        .annotate(
+            n=Sum("count"),
+            server_errors=Sum("count", filter=Q(status_class=5)),
+            **{h: Sum(h) for h in HISTOGRAM_FIELDS},
+        )
+        .order_by("-n", "dim_id")[:limit]
+    )
+    out = []
+    for r in rows:
+        histogram = [r[h] for h in HISTOGRAM_FIELDS]
+        out.append(
+            {
+                "dim_id": r["dim_id"],
+                "count": r["n"],
+                "error_rate": round((r["server_errors"] or 0) / r["n"], 4) if r["n"] else 0.0,
+                "latency_ms": percentiles(histogram, qs=(0.5, 0.95)),
+            }
+        )
+    return out
+
+
+def export_rows(
+    *,
+    granularity: str,
+    dimension: str,
+    since: datetime,
+    until: datetime,
+    dim_id: int | None = None,
+):
+    """Rollup rows for a CSV export, oldest first, streamed from the database."""
+    rows = Rollup.objects.filter(
+        granularity=granularity, dimension=dimension, bucket__gte=since, bucket__lt=until
+    )
+    if dim_id is not None:
+        rows = rows.filter(dim_id=dim_id)
+    return (
+        rows.order_by("bucket", "dim_id", "status_class")
+        .values_list(
+            "bucket",
+            "dimension",
+            "dim_id",
+            "api_id",
+            "status_class",
+            "count",
+            "errors",
+            "bytes_in",
+            "bytes_out",
+            "latency_ms_sum",
+        )
+        .iterator(chunk_size=2000)
+    )

@@ -14,4 +14,5 @@ urlpatterns = [
     path("keys/<int:pk>/revoke/", views.key_revoke_view, name="key_revoke"),
     path("keys/<int:pk>/usage/", views.key_usage, name="key_usage"),
     path("keys/<int:pk>/usage.json", views.key_usage_data, name="key_usage_data"),
+    path("keys/<int:pk>/usage.csv", views.key_usage_csv, name="key_usage_csv"),
 ]

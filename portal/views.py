@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -12,7 +14,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django_ratelimit.decorators import ratelimit
 
-from analytics.selectors import key_usage_series
+from analytics.exports import csv_response
+from analytics.selectors import export_rows, key_usage_series
 from gateway.models import Api
 from portal.consumers import consumer_for_user
 from portal.forms import KeyCreateForm
@@ -170,3 +173,16 @@ def key_usage_data(request: HttpRequest, pk: int) -> JsonResponse:
         {"limit": quota.limit, "used": quota.used, "remaining": quota.remaining} if quota else None
     )
     return JsonResponse(data)
+
+
+@login_required
+@ratelimit(key="user", rate="60/h", block=True)
+def key_usage_csv(request: HttpRequest, pk: int) -> HttpResponse:
+    """Hourly rollups of one of the user's keys, last 30 days, as a streamed CSV."""
+    api_key = _own_key(request, pk)
+    until = timezone.now()
+    since = until - timedelta(days=30)
+    rows = export_rows(
+        granularity="h", dimension="key", dim_id=api_key.pk, since=since, until=until
+    )
+    return csv_response(rows, filename=f"usage-{api_key.prefix}.csv")
