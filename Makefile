@@ -77,3 +77,9 @@ test: install-dev lint
 
 bench: install-dev
 	$(PY) bench/run.py
+	@echo "| database | events | batch | events/s | rollup rows | redelivered batch |"
+	@echo "| --- | ---: | ---: | ---: | ---: | --- |"
+	@env -u DATABASE_URL $(PY) bench/ingest.py
+	@if $(PY) tests/external_services.py "$(TEST_DATABASE_URL)" "$(TEST_REDIS_URL)" 2>/dev/null; then \
+	  DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) bench/ingest.py; \
+	else echo "(PostgreSQL ingest skipped: $(TEST_DATABASE_URL) unreachable)"; fi

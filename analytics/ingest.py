@@ -144,12 +144,49 @@ def ingest_batch(raw_events: list[dict]) -> int:
     with transaction.atomic():
         new_ids: set[str] = set()
         items = list(events.values())
-        for i in range(0, len(items), _CHUNK):
-            new_ids |= _insert_raw(items[i : i + _CHUNK], ops)
+        if connection.vendor == "postgresql":
+            new_ids = _insert_raw_pg(items)
+        else:
+            for i in range(0, len(items), _CHUNK):
+                new_ids |= _insert_raw(items[i : i + _CHUNK], ops)
         fresh = [events[i] for i in new_ids]
         _upsert_rollups(fresh, ops)
         _touch_keys(fresh)
     return len(fresh)
+
+
+_RAW_PG_TYPES = (
+    "text",
+    "timestamptz",
+    "bigint",
+    "bigint",
+    "bigint",
+    "bigint",
+    "bigint",
+    "text",
+    "text",
+    "int",
+    "float8",
+    "float8",
+    "bigint",
+    "bigint",
+    "text",
+)
+
+
+def _insert_raw_pg(events: list[Event]) -> set[str]:
+    """PostgreSQL: one array per column through unnest(): a short statement whatever the
+    batch size (psycopg would otherwise scan thousands of placeholders per statement)."""
+    table = RequestEvent._meta.db_table
+    columns = [[getattr(e, c) for e in events] for c in _RAW_COLUMNS]
+    arrays = ", ".join(f"%s::{t}[]" for t in _RAW_PG_TYPES)
+    sql = (
+        f"INSERT INTO {table} ({','.join(_RAW_COLUMNS)}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    )
+    with connection.cursor() as cur:
+        cur.execute(sql, columns)
+        return {r[0] for r in cur.fetchall()}
 
 
 def _insert_raw(chunk: list[Event], ops) -> set[str]:
@@ -235,6 +272,27 @@ def _upsert_rollups(events: list[Event], ops) -> None:
     acc = aggregate(events)
     table = Rollup._meta.db_table
     updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _ADDITIVE)
+    conflict = "ON CONFLICT (granularity, dimension, dim_id, bucket, status_class) "
+    if connection.vendor == "postgresql":
+        keys = sorted(acc)
+        columns: list[list] = [[] for _ in _ROLLUP_COLUMNS]
+        for k in keys:
+            gran, dim, dim_id, bucket, cls = k
+            row = acc[k]
+            for col, value in zip(
+                columns, (gran, bucket, dim, dim_id, row[0], cls, *row[1:]), strict=True
+            ):
+                col.append(value)
+        types = ["text", "timestamptz", "text", "bigint", "bigint", "int"]
+        types += ["bigint", "bigint", "bigint", "bigint", "float8"] + ["bigint"] * _NBUCKETS
+        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        sql = (
+            f"INSERT INTO {table} ({','.join(_ROLLUP_COLUMNS)}) SELECT * FROM unnest({arrays}) "
+            f"{conflict}DO UPDATE SET {updates}"
+        )
+        with connection.cursor() as cur:
+            cur.execute(sql, columns)
+        return
     placeholders = "(" + ",".join(["%s"] * len(_ROLLUP_COLUMNS)) + ")"
     # Sorted so that concurrent ingesters lock rollup rows in the same order (no deadlock).
     keys = sorted(acc)
@@ -257,13 +315,30 @@ def _upsert_rollups(events: list[Event], ops) -> None:
 
 
 def _touch_keys(events: list[Event]) -> None:
-    """Set ApiKey.last_used_at from the log, never by a write per request."""
+    """Set ApiKey.last_used_at from the log in one statement, never by a write per request."""
     last: dict[int, datetime] = {}
     for e in events:
         if e.key_id is not None and (e.key_id not in last or e.time > last[e.key_id]):
             last[e.key_id] = e.time
+    if not last:
+        return
+    ops = connection.ops
+    table = ApiKey._meta.db_table
+    cast_id, cast_t = (
+        ("::bigint", "::timestamptz") if connection.vendor == "postgresql" else ("", "")
+    )
+    values = ",".join([f"(%s{cast_id}, %s{cast_t})"] * len(last))
+    params: list[object] = []
     for key_id, t in sorted(last.items()):
-        ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=t).update(last_used_at=t)
+        params += [key_id, ops.adapt_datetimefield_value(t)]
+    sql = (
+        # VALUES columns are column1, column2 in both SQLite and PostgreSQL.
+        f"UPDATE {table} SET last_used_at = v.t FROM "
+        f"(SELECT column1 AS id, column2 AS t FROM (VALUES {values}) AS vals) AS v "
+        f"WHERE {table}.id = v.id AND ({table}.last_used_at IS NULL OR {table}.last_used_at < v.t)"
+    )
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
 
 
 # --- sources ------------------------------------------------------------------------------
