@@ -107,6 +107,17 @@ class Api(models.Model):
     key_header = models.CharField(
         max_length=100, default="X-API-Key", help_text="Header that carries the API key."
     )
+
+    class LimiterFailure(models.TextChoices):
+        OPEN = "open", "Let requests through (counted in metrics)"
+        CLOSED = "closed", "Refuse with 503 and Retry-After"
+
+    limiter_failure = models.CharField(
+        max_length=6,
+        choices=LimiterFailure.choices,
+        default=LimiterFailure.OPEN,
+        help_text="What to do when the shared limit store (Redis) cannot be reached.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -145,3 +145,52 @@ def test_unreachable_redis_fails_open_and_counts_the_error():
     decision, errors = asyncio.run(main())
     assert decision.allowed
     assert errors == 1
+
+
+def _stage_answer(fail_closed: bool):
+    """The limit stage's answer for a key when Redis cannot be reached."""
+    from gateway.dataplane.context import RequestContext
+    from gateway.dataplane.stages.limit import LimitStage
+
+    class Key:
+        limits = (rate(10),)
+
+    async def main():
+        client = redis_client("redis://127.0.0.1:1/0", timeout=0.2)
+        try:
+            stage = LimitStage(limiter=RedisLimiter(client), fail_closed=fail_closed)
+            ctx = RequestContext(
+                scope={"headers": []},
+                receive=None,
+                send=None,
+                request_id="r1",
+                method="GET",
+                path="/",
+                client_ip="127.0.0.1",
+            )
+            ctx.key = Key()
+            return await stage.on_request(ctx), ctx
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_store_failure_follows_the_apis_policy():
+    admitted, ctx = _stage_answer(fail_closed=False)
+    assert admitted is None and ctx.error_kind == "limiter_unavailable"
+    refused, _ = _stage_answer(fail_closed=True)
+    assert refused.status == 503
+    assert (b"retry-after", b"1") in refused.headers
+
+
+def test_rate_limit_headers_follow_the_ietf_draft_and_the_de_facto_names():
+    from gateway.dataplane.stages.limit import _headers
+
+    lim = MemoryLimiter()
+    rules = (rate(60), quota(1000))
+    headers = dict(_headers(rules, lim.check_sync(rules, T0)))
+    assert headers[b"ratelimit-policy"] == b'"rate";q=60;w=60, "quota-day";q=1000;w=86400'
+    assert headers[b"ratelimit"] == b'"rate";r=59;t=1'
+    assert headers[b"x-ratelimit-limit"] == b"60"
+    assert headers[b"x-ratelimit-remaining"] == b"59"

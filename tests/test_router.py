@@ -22,6 +22,7 @@ def route(rid: int, prefix: str, methods: str = "") -> RouteEntry:
         strip_prefix=True,
         key_header=b"x-api-key",
         key_header_label="X-API-Key",
+        fail_closed=False,
         upstream=UP,
     )
 

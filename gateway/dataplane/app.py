@@ -216,7 +216,7 @@ class GatewayApp:
                 secret=s.key_hmac_secret,
             ),
             AuthorizeStage(api_id=route.api_id, api_slug=route.api_slug),
-            LimitStage(limiter=self.limiter),
+            LimitStage(limiter=self.limiter, fail_closed=route.fail_closed),
         ]
         route.handler = ProxyHandler(session_getter=self._get_session, key_header=route.key_header)
 

@@ -28,6 +28,7 @@ class Decision:
     remaining: int
     reset: float  # seconds until that rule is fully replenished / its period ends
     retry_after: float = 0.0
+    store_error: bool = False  # the store could not be asked; nothing was counted
 
 
 class Limiter(Protocol):
@@ -209,8 +210,9 @@ def redis_client(url: str, *, timeout: float, pool_size: int = 64):
 class RedisLimiter:
     """Shared store: all of a request's limits in one EVALSHA round trip.
 
-    Fail-open when Redis is unreachable: the request is admitted, the failure counted, and a
-    warning logged at most once a second; the client reconnects on the next call.
+    When Redis is unreachable the decision says so (store_error) and the limit stage applies
+    the API's policy (admit or 503); the failure is counted and a warning logged at most once
+    a second; the client reconnects on the next call, so limits resume as soon as Redis does.
     """
 
     def __init__(self, client) -> None:
@@ -237,8 +239,8 @@ class RedisLimiter:
             mono = time.monotonic()
             if mono - self._last_warning >= 1.0:
                 self._last_warning = mono
-                log.warning("limiter store error (failing open): %s", exc)
-            return Decision(True, None, 0, 0.0)
+                log.warning("limiter store error: %s", exc)
+            return Decision(True, None, 0, 0.0, store_error=True)
         allowed, refused, worst = int(res[0]), int(res[1]), int(res[2])
         if not allowed:
             rule = rules[refused - 1]

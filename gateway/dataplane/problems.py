@@ -25,6 +25,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "internal": (500, "Internal gateway error"),
     "bad-gateway": (502, "Upstream unreachable"),
     "not-ready": (503, "Gateway not ready"),
+    "limiter-unavailable": (503, "Limits cannot be checked"),
     "no-healthy-target": (503, "No healthy upstream target"),
     "gateway-timeout": (504, "Upstream timed out"),
 }

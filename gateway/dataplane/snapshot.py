@@ -91,6 +91,7 @@ class RouteEntry:
     strip_prefix: bool
     key_header: bytes  # lower-case
     key_header_label: str  # as configured, for messages
+    fail_closed: bool  # refuse (503) rather than admit when the limit store is unreachable
     upstream: UpstreamEntry
     stages: list[Stage] = field(default_factory=list)
     handler: Handler | None = None
@@ -197,6 +198,7 @@ def compile_snapshot(
                 strip_prefix=r.strip_prefix,
                 key_header=api.key_header.lower().encode(),
                 key_header_label=api.key_header,
+                fail_closed=api.limiter_failure == "closed",
                 upstream=upstream_entry(r.upstream or api.upstream),
             )
             compile_route(entry, keys)
