@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -74,6 +74,43 @@ def key_issue(
             continue  # key_id collision (48 bits): draw again
         return IssuedKey(api_key=api_key, key=raw)
     raise RuntimeError("could not draw a unique key id")
+
+
+DEFAULT_ROTATION_GRACE = timedelta(hours=24)
+
+
+def key_rotate(
+    api_key: ApiKey, *, actor=None, grace: timedelta = DEFAULT_ROTATION_GRACE
+) -> IssuedKey:
+    """Issue a replacement key; the old one keeps working for `grace`, then expires.
+
+    Both work during the overlap, so clients can be redeployed without an outage.
+    """
+    if grace < timedelta(0):
+        raise ValueError("grace must not be negative")
+    with transaction.atomic():
+        old = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+        now = timezone.now()
+        if not old.is_usable(now):
+            raise KeyActionError("Only a usable key can be rotated.")
+        issued = key_issue(old.subscription, name=old.name, actor=actor, expires_at=old.expires_at)
+        ends = now + grace
+        if old.expires_at is None or old.expires_at > ends:
+            old.expires_at = ends
+            old.save(update_fields=["expires_at"])
+        audit_record(
+            actor=actor,
+            action="key_rotate",
+            target=old,
+            replacement=issued.api_key.prefix,
+            old_key_expires=old.expires_at.isoformat(),
+        )
+        config_bump(actor=actor, reason=f"key {old.prefix} rotated to {issued.api_key.prefix}")
+    return issued
+
+
+class KeyActionError(Exception):
+    """A key action that the rules do not allow; the message is for the user."""
 
 
 def key_revoke(api_key: ApiKey, *, actor=None) -> ApiKey:

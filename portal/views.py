@@ -19,7 +19,7 @@ from analytics.selectors import export_rows, key_usage_series
 from gateway.models import Api
 from portal.consumers import consumer_for_user
 from portal.forms import KeyCreateForm
-from portal.keys import key_issue, key_revoke
+from portal.keys import KeyActionError, key_issue, key_revoke, key_rotate
 from portal.models import ApiKey, Plan, Subscription
 from portal.selectors import consumer_keys, consumer_subscriptions, public_plans, quota_usage
 from portal.subscriptions import subscription_create
@@ -148,6 +148,37 @@ def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
     key_revoke(api_key, actor=request.user)
     messages.success(request, f"Key {api_key.prefix}… is revoked.")
     return redirect("portal:dashboard")
+
+
+ROTATION_GRACE = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+
+
+@login_required
+@require_POST
+@never_cache
+@ratelimit(key="user", rate="30/h", method="POST", block=True)
+def key_rotate_view(request: HttpRequest, pk: int) -> HttpResponse:
+    api_key = _own_key(request, pk)
+    grace = ROTATION_GRACE.get(request.POST.get("grace", "24h"))
+    if grace is None:
+        messages.error(request, "Choose how long the old key keeps working: 1h, 24h or 7d.")
+        return redirect("portal:dashboard")
+    try:
+        issued = key_rotate(api_key, actor=request.user, grace=grace)
+    except KeyActionError as exc:
+        messages.error(request, str(exc))
+        return redirect("portal:dashboard")
+    api_key.refresh_from_db()
+    return render(
+        request,
+        "portal/key_created.html",
+        {
+            "issued": issued,
+            "rotated": api_key,
+            "gateway_url": settings.GATEWAY_PUBLIC_URL,
+            "apis": issued.api_key.subscription.plan.apis.all(),
+        },
+    )
 
 
 @login_required

@@ -143,3 +143,26 @@ def test_config_versions_are_numbered_in_order_and_kept(db):
     assert list(ConfigVersion.objects.order_by("version").values_list("reason", flat=True))[
         -2:
     ] == ["one", "two"]
+
+
+def test_rotation_issues_a_new_key_and_the_old_one_expires_after_the_grace(developer, catalog):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portal.keys import KeyActionError, key_rotate
+
+    old = active_key(developer, catalog.free).api_key
+    before = timezone.now()
+    new = key_rotate(old, grace=timedelta(hours=1))
+    old.refresh_from_db()
+    assert new.api_key.subscription_id == old.subscription_id
+    assert new.api_key.name == old.name
+    assert new.api_key.expires_at is None
+    assert before + timedelta(minutes=59) < old.expires_at <= timezone.now() + timedelta(hours=1)
+    assert old.is_usable(timezone.now()) and new.api_key.is_usable(timezone.now())
+    assert not old.is_usable(timezone.now() + timedelta(hours=2))
+    assert AuditEvent.objects.filter(action="key_rotate").exists()
+    key_revoke(old)
+    with pytest.raises(KeyActionError):
+        key_rotate(old)

@@ -379,3 +379,29 @@ def test_a_client_leaving_mid_upload_is_a_499_not_a_gateway_error(stack, live, d
     assert event.error_kind == "client_disconnected"
     assert not RequestEvent.objects.filter(key_id=issued.api_key.pk, status__gte=500).exists()
     assert "Traceback" not in stack.procs["gateway"].output()
+
+
+def test_rotated_keys_overlap_then_the_old_one_expires(stack, live, dev):
+    from datetime import timedelta
+
+    from portal.keys import key_rotate
+
+    old = active_key(dev, live.free)
+    grace = 8.0  # long enough for the overlap checks on a loaded machine
+    rotated_at = time.monotonic()
+    new = key_rotate(old.api_key, grace=timedelta(seconds=grace))
+    wait_for_key(stack, new.key)
+    assert time.monotonic() - rotated_at < grace - 1, "machine too slow to see the overlap"
+    # During the grace both work (the old one was loaded before its expiry).
+    assert stack.get("/demo/x", headers={"X-API-Key": old.key}).status_code == 200
+    assert stack.get("/demo/x", headers={"X-API-Key": new.key}).status_code == 200
+    # Expiry needs no config change: the gateway checks expires_at on every request.
+    wait_until(
+        lambda: stack.get("/demo/x", headers={"X-API-Key": old.key}).status_code == 401,
+        timeout=grace + 2,
+        interval=0.1,
+        what="the old key to expire",
+    )
+    body = stack.get("/demo/x", headers={"X-API-Key": old.key}).json()
+    assert "expired" in body["detail"]
+    assert stack.get("/demo/x", headers={"X-API-Key": new.key}).status_code == 200

@@ -147,3 +147,22 @@ def test_public_pages_render(client, catalog):
         resp = client.get(reverse(name))
         assert resp.status_code == 200, name
     assert b"Demo" in client.get(reverse("portal:catalog")).content
+
+
+def test_rotate_shows_the_new_key_once_and_the_old_keys_end(client, developer, catalog):
+    issued = active_key(developer, catalog.free)
+    client.force_login(developer)
+    resp = client.post(reverse("portal:key_rotate", args=[issued.api_key.pk]), {"grace": "1h"})
+    assert resp.status_code == 200
+    new_key = re.search(rb'id="new-key">(gw_[^<]+)<', resp.content).group(1).decode()
+    assert new_key != issued.key
+    assert b"keeps working until" in resp.content
+    assert ApiKey.objects.filter(subscription__consumer__user=developer).count() == 2
+    bad = client.post(reverse("portal:key_rotate", args=[issued.api_key.pk]), {"grace": "1y"})
+    assert bad.status_code == 302
+
+
+def test_a_stranger_cannot_rotate_someone_elses_key(client, developer, stranger, catalog):
+    issued = active_key(developer, catalog.free)
+    client.force_login(stranger)
+    assert client.post(reverse("portal:key_rotate", args=[issued.api_key.pk])).status_code == 404
