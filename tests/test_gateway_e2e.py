@@ -405,3 +405,36 @@ def test_rotated_keys_overlap_then_the_old_one_expires(stack, live, dev):
     body = stack.get("/demo/x", headers={"X-API-Key": old.key}).json()
     assert "expired" in body["detail"]
     assert stack.get("/demo/x", headers={"X-API-Key": new.key}).status_code == 200
+
+
+def test_concurrent_requests_never_over_admit(stack, live, dev):
+    """Kong #5790 / APISIX #12592: limits that let through more than configured under
+    concurrency. Here: 120 requests from 24 threads (two gateway workers sharing Redis in the
+    servers pass) against 30/minute admit 30, plus at most what the rate refills meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from portal.keys import key_issue
+
+    with transaction.atomic():
+        live.free.rate_limit_per_minute = 30
+        live.free.save()
+        config_bump(reason="30/min")
+    fresh = active_key(dev, live.free, name="fresh")
+    probe = key_issue(fresh.api_key.subscription, name="probe")  # see the rate-limit test
+    wait_for_key(stack, probe.key)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        codes = list(
+            pool.map(
+                lambda _: stack.get("/demo/c", headers={"X-API-Key": fresh.key}).status_code,
+                range(120),
+            )
+        )
+    elapsed = time.monotonic() - started
+    admitted = codes.count(200)
+    assert set(codes) <= {200, 429}
+    # GCRA refills one request every 60/30 = 2 s: the documented bound.
+    assert 30 <= admitted <= 30 + int(elapsed / 2), (admitted, elapsed)
