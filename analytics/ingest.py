@@ -194,23 +194,9 @@ def _insert_raw(chunk: list[Event], ops) -> set[str]:
     row = "(" + ",".join(["%s"] * len(_RAW_COLUMNS)) + ")"
     params: list[object] = []
     for e in chunk:
-        params += [
-            e.event_id,
-            ops.adapt_datetimefield_value(e.time),
-            e.api_id,
-            e.route_id,
-            e.consumer_id,
-            e.key_id,
-            e.organization_id,
-            e.method,
-            e.route_path,
-            e.status,
-            e.latency_ms,
-            e.upstream_latency_ms,
-            e.bytes_in,
-            e.bytes_out,
-            e.error_kind,
-        ]
+        values = [getattr(e, c) for c in _RAW_COLUMNS]
+        values[1] = ops.adapt_datetimefield_value(e.time)  # "time" is the second column
+        params += values
     sql = (
         f"INSERT INTO {table} ({','.join(_RAW_COLUMNS)}) VALUES {','.join([row] * len(chunk))} "
         "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"

@@ -499,22 +499,28 @@ class Runner:
         for h in target.headers:
             cmd += ["-H", h]
         cmd.append(target.url)
-        meter = Meter(self.cores, target.server.pid, self.servers)
-        proc = self.procs.start("wrk", cmd, capture=True)
-        try:
-            out, err = proc.communicate(timeout=duration + 30)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"wrk against {target.name} did not finish") from None
-        finally:
-            self.procs.stop(proc)
-        usage = meter.stop()
-        if proc.returncode != 0:
-            raise BenchError(f"wrk failed ({proc.returncode}): {err.decode(errors='replace')}")
-        result = parse_wrk(out.decode(errors="replace"), target.name, rnd)
+        out, usage = self._run_client("wrk", cmd, target, timeout=duration + 30)
+        result = parse_wrk(out, target.name, rnd)
         result.usage = usage
         if target.name == "gateway":
             self.sent_to_gateway += result.requests
         return result
+
+    def _run_client(self, name: str, cmd: list[str], target: Target, *, timeout: float):
+        """Run a load client against `target`, metering CPU; (its stdout, the usage)."""
+        meter = Meter(self.cores, target.server.pid, self.servers)
+        proc = self.procs.start(name, cmd, capture=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{name} against {target.name} did not finish") from None
+        finally:
+            self.procs.stop(proc)
+        usage = meter.stop()
+        if proc.returncode != 0:
+            tail = err.decode(errors="replace")[-2000:]
+            raise BenchError(f"{name} failed ({proc.returncode}): {tail}")
+        return out.decode(errors="replace"), usage
 
     def fixed_rate(self, target: Target, rate: float, duration: float) -> dict:
         """Open loop at `rate` rps; wrk2 when installed, else bench/openloop.py."""
@@ -530,18 +536,7 @@ class Runner:
             cmd += ["--rate", f"{rate:g}", "--duration", f"{duration:g}"]
             for h in target.headers:
                 cmd += ["--header", h]
-        meter = Meter(self.cores, target.server.pid, self.servers)
-        proc = self.procs.start("fixed-rate", cmd, capture=True)
-        try:
-            out, err = proc.communicate(timeout=duration + 60)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"fixed-rate client against {target.name} did not finish") from None
-        finally:
-            self.procs.stop(proc)
-        usage = meter.stop()
-        if proc.returncode != 0:
-            raise BenchError(f"fixed-rate client failed: {err.decode(errors='replace')[-2000:]}")
-        text = out.decode(errors="replace")
+        text, usage = self._run_client("fixed-rate", cmd, target, timeout=duration + 60)
         if "wrk2" in self.tools:
             w = parse_wrk(text, target.name, 0)
             res = {

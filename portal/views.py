@@ -115,12 +115,17 @@ def key_create(request: HttpRequest) -> HttpResponse:
         actor=request.user,
         expires_at=form.cleaned_data["expires_at"],
     )
-    # never_cache: the page holds the only copy of the key; no cache may keep it.
+    return _show_new_key(request, issued)
+
+
+def _show_new_key(request: HttpRequest, issued, *, rotated: ApiKey | None = None) -> HttpResponse:
+    """The one page that shows a key; its views are never_cache: no cache may keep it."""
     return render(
         request,
         "portal/key_created.html",
         {
             "issued": issued,
+            "rotated": rotated,
             "gateway_url": settings.GATEWAY_PUBLIC_URL,
             "apis": issued.api_key.subscription.plan.apis.all(),
         },
@@ -169,16 +174,7 @@ def key_rotate_view(request: HttpRequest, pk: int) -> HttpResponse:
         messages.error(request, str(exc))
         return redirect("portal:dashboard")
     api_key.refresh_from_db()
-    return render(
-        request,
-        "portal/key_created.html",
-        {
-            "issued": issued,
-            "rotated": api_key,
-            "gateway_url": settings.GATEWAY_PUBLIC_URL,
-            "apis": issued.api_key.subscription.plan.apis.all(),
-        },
-    )
+    return _show_new_key(request, issued, rotated=api_key)
 
 
 @login_required

@@ -237,6 +237,16 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
             shutil.copy(proc.log_path, ARTIFACTS / f"stack-{proc.name}.log")
 
 
+@pytest.fixture
+def live(stack, transactional_db) -> Catalog:
+    """The demo catalog pointing at the stack's upstream, loaded by every gateway worker;
+    afterwards the log pipeline is drained before the database is flushed."""
+    catalog = make_catalog(stack.upstream_port)
+    wait_for_config(stack)
+    yield catalog
+    stack.wait_ingest_idle()
+
+
 def wait_for_key(stack: Stack, key: str, *, timeout: float = 10) -> None:
     """Wait until every gateway worker's snapshot knows `key`."""
     _wait_stable(

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import ARTIFACTS, make_catalog, wait_for_config, wait_for_key
+from tests.conftest import ARTIFACTS, wait_for_key
 from tests.procs import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -34,15 +34,6 @@ KEY_RE = re.compile(r"^gw_[0-9a-f]{12}_[A-Za-z0-9_-]{32}$")
 CONFIRM_RE = re.compile(r"https?://\S+/accounts/confirm-email/[^\s/]+/")
 
 
-@pytest.fixture
-def live_catalog(stack, transactional_db):
-    """The demo catalog pointing at the stack's upstream, loaded by every gateway worker."""
-    catalog = make_catalog(stack.upstream_port)
-    wait_for_config(stack)
-    yield catalog
-    stack.wait_ingest_idle()
-
-
 def _shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
@@ -52,7 +43,7 @@ def _shot(page, name: str) -> None:
 @pytest.mark.skipif(
     CHROMIUM is None and os.environ.get("CI") != "true", reason="chromium is not installed"
 )
-def test_signup_to_usage_chart_to_revocation(live_server, stack, live_catalog, mailoutbox):
+def test_signup_to_usage_chart_to_revocation(live_server, stack, live, mailoutbox):
     from playwright.sync_api import expect, sync_playwright
 
     started = time.monotonic()

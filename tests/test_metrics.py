@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import active_key, make_catalog, make_user, wait_for_config, wait_for_key
+from tests.conftest import active_key, make_user, wait_for_key
 from tests.procs import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -23,14 +23,6 @@ def sample(text: str, name: str, **labels: str) -> float:
         if got == want:
             return float(m.group(3))
     return 0.0
-
-
-@pytest.fixture
-def live(stack, transactional_db):
-    catalog = make_catalog(stack.upstream_port)
-    wait_for_config(stack)
-    yield catalog
-    stack.wait_ingest_idle()
 
 
 def test_health_and_readiness(stack, live):

@@ -331,19 +331,25 @@ class GatewayApp:
         from portal.models import QuotaCounter, Subscription
 
         assert isinstance(self.limiter, MemoryLimiter)
-        dirty = self.limiter.take_dirty()
+        # Quota subjects are "sub:<subscription id>" (snapshot.load_config).
+        dirty = [
+            (int(subject[4:]), start, used) for subject, start, used in self.limiter.take_dirty()
+        ]
         if not dirty:
             return
-        sub_ids = {int(subject.split(":")[1]) for subject, _, _ in dirty}
-        existing = set(Subscription.objects.filter(pk__in=sub_ids).values_list("pk", flat=True))
+        existing = set(
+            Subscription.objects.filter(pk__in={s for s, _, _ in dirty}).values_list(
+                "pk", flat=True
+            )
+        )
         rows = [
             QuotaCounter(
-                subscription_id=int(subject.split(":")[1]),
+                subscription_id=sub_id,
                 period_start=datetime.fromtimestamp(start, UTC),
                 used=used,
             )
-            for subject, start, used in dirty
-            if int(subject.split(":")[1]) in existing
+            for sub_id, start, used in dirty
+            if sub_id in existing
         ]
         QuotaCounter.objects.bulk_create(
             rows,

@@ -6,6 +6,8 @@ A route's pipeline holds only the stages it uses, compiled with the snapshot.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from gateway.dataplane.context import LocalResponse, RequestContext
 
 
@@ -22,9 +24,9 @@ class Stage:
         """Called after the client has its answer (logging, counters)."""
 
 
-class Handler:
+class Handler(Protocol):
     """The terminal step: produce the response (proxy today; aggregate, WebSocket later)."""
 
     async def handle(self, ctx: RequestContext) -> LocalResponse | None:
         """Send the response itself and return None, or return a local response to send."""
-        raise NotImplementedError
+        ...

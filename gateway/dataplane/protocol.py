@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
 from random import getrandbits
 
 import httptools
@@ -24,7 +25,6 @@ _LIMITS = settings.GATEWAY
 MAX_HEADER_BYTES: int = _LIMITS["MAX_HEADER_BYTES"]
 MAX_URL_BYTES: int = _LIMITS["MAX_URL_BYTES"]
 
-_REASONS = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 _DETAILS = {
     400: ("bad-request", "The request is not valid HTTP/1.1."),
     414: ("uri-too-long", f"The request target is longer than {MAX_URL_BYTES} bytes."),
@@ -94,7 +94,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         request_id = f"{getrandbits(128):032x}"
         body = problem(slug, detail, request_id=request_id).body
         head = [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+            b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
             b"content-type: application/problem+json\r\n",
             b"content-length: %d\r\n" % len(body),
             b"x-request-id: " + request_id.encode() + b"\r\n",

@@ -17,7 +17,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.dataplane.context import ClientDisconnected, LocalResponse, RequestContext
-from gateway.dataplane.pipeline import Handler
 from gateway.dataplane.problems import problem
 
 # RFC 9110 §7.6.1 hop-by-hop fields.
@@ -55,7 +54,7 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 
 
-class ProxyHandler(Handler):
+class ProxyHandler:
     def __init__(self, *, session_getter, key_header: bytes) -> None:
         self._session = session_getter
         self.key_header = key_header  # the API's credential header: never forwarded
