@@ -65,6 +65,21 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_cidrs(name: str) -> tuple[str, ...]:
+    """Comma-separated networks (10.0.0.0/8, ::1, 192.168.1.7): normalised CIDR strings."""
+    import ipaddress
+
+    out = []
+    for item in env_list(name, []):
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name} must be comma-separated IP networks (10.0.0.0/8), got {item!r}"
+            ) from None
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class DatabaseUrl:
     engine: str

@@ -21,6 +21,7 @@ from pathlib import Path
 from config.env import (
     check_url,
     env_bool,
+    env_cidrs,
     env_float,
     env_int,
     env_list,
@@ -206,6 +207,11 @@ GATEWAY = {
     # Request head limits (431 / 414 beyond them, before anything is buffered further).
     "MAX_HEADER_BYTES": env_int("GATEWAY_MAX_HEADER_BYTES", 32 * 1024, minimum=1024),
     "MAX_URL_BYTES": env_int("GATEWAY_MAX_URL_BYTES", 8 * 1024, minimum=256),
+    # Largest request body a route accepts unless it sets its own (413 beyond; 0: no limit).
+    "MAX_BODY_BYTES": env_int("GATEWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=0),
+    # Peers whose X-Forwarded-For/-Proto/-Host and Forwarded headers are believed (CIDRs,
+    # comma-separated), e.g. the load balancer in front of the gateway. Empty: nobody's.
+    "TRUSTED_PROXIES": env_cidrs("GATEWAY_TRUSTED_PROXIES"),
 }
 
 # --- Analytics ----------------------------------------------------------------------------

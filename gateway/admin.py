@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.db import models
 
 from gateway.admin_mixins import ConfigChangeAdmin
-from gateway.models import Api, ConfigVersion, Route, Target, Upstream
+from gateway.models import Api, ApiVersion, ConfigVersion, Route, Target, Upstream
 
 
 class TargetInline(admin.TabularInline):
@@ -37,24 +38,90 @@ class TargetAdmin(ConfigChangeAdmin):
 class RouteInline(admin.TabularInline):
     model = Route
     extra = 0
-    fields = ["name", "path", "methods", "strip_prefix", "upstream", "enabled"]
+    fields = ["name", "match", "path", "methods", "version", "priority", "upstream", "enabled"]
+    show_change_link = True  # hosts, headers, rewrite, timeouts: on the route's own page
+
+
+class ApiVersionInline(admin.TabularInline):
+    model = ApiVersion
+    extra = 0
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    fields = ["name", "is_default", "upstream", "deprecated_at", "sunset_at", "docs_url"]
 
 
 @admin.register(Api)
 class ApiAdmin(ConfigChangeAdmin):
-    list_display = ["name", "slug", "path_prefix", "upstream", "is_published", "created_at"]
-    list_filter = ["is_published", "upstream"]
-    search_fields = ["name", "slug", "path_prefix", "description"]
+    list_display = [
+        "name",
+        "slug",
+        "path_prefix",
+        "hosts",
+        "version_scheme",
+        "upstream",
+        "is_published",
+    ]
+    list_filter = ["is_published", "version_scheme", "upstream"]
+    search_fields = ["name", "slug", "path_prefix", "hosts", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    inlines = [RouteInline]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "description", "is_published"]}),
+        ("Routing", {"fields": ["path_prefix", "hosts", "upstream"]}),
+        (
+            "Versions",
+            {
+                "fields": ["version_scheme", "version_header", "version_query"],
+                "description": "A request without a version gets the default version.",
+            },
+        ),
+        ("Credentials and limits", {"fields": ["key_header", "limiter_failure"]}),
+    ]
+    inlines = [ApiVersionInline, RouteInline]
 
 
 @admin.register(Route)
 class RouteAdmin(ConfigChangeAdmin):
-    list_display = ["name", "api", "path", "methods", "strip_prefix", "upstream", "enabled"]
-    list_filter = ["enabled", "api"]
-    search_fields = ["name", "path", "api__name"]
-    list_select_related = ["api", "upstream"]
+    list_display = [
+        "name",
+        "api",
+        "match",
+        "path",
+        "methods",
+        "hosts",
+        "version",
+        "priority",
+        "upstream",
+        "enabled",
+    ]
+    list_filter = ["enabled", "match", "api"]
+    search_fields = ["name", "path", "hosts", "api__name"]
+    list_select_related = ["api", "upstream", "version"]
+    fieldsets = [
+        (None, {"fields": ["api", "name", "enabled"]}),
+        (
+            "Matching",
+            {
+                "fields": ["match", "path", "methods", "hosts", "headers", "version", "priority"],
+                "description": "Most specific first: host, then path (exact, regex, deepest "
+                "prefix; literal segments before {params}), then conditions and methods, "
+                "then priority.",
+            },
+        ),
+        (
+            "Forwarding",
+            {
+                "fields": [
+                    "upstream",
+                    "strip_prefix",
+                    "rewrite",
+                    "preserve_host",
+                    "connect_timeout",
+                    "read_timeout",
+                    "timeout",
+                    "max_body_bytes",
+                ]
+            },
+        ),
+    ]
 
 
 @admin.register(ConfigVersion)

@@ -1,9 +1,10 @@
 """The demo upstream: answers every path by echoing the request it received, as JSON.
 
 Like httpbin's /anything, so that a user can see what the gateway sent. Extra paths:
-`/status/<code>` answers with that status; `/stream?chunks=N&interval=S` sends N chunks S
-seconds apart (a slow stream, to see streaming and disconnects); `/_stats` counts streams
-completed and abandoned by their client. Run: `uvicorn gateway.demo_upstream:app --port 9000`.
+`/status/<code>` answers with that status; `/delay/<s>` answers after S seconds;
+`/stream?chunks=N&interval=S` sends N chunks S seconds apart (a slow stream, to see streaming
+and disconnects); `/_stats` counts streams completed and abandoned by their client.
+Run: `uvicorn gateway.demo_upstream:app --port 9000`.
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ async def app(scope, receive, send) -> None:
     if scope["path"] == "/_stats":
         await _json(send, 200, STATS)
         return
+    if scope["path"].startswith("/delay/"):  # like httpbin's /delay/<seconds>: a slow answer
+        try:
+            delay = min(max(float(scope["path"][7:]), 0.0), 30.0)
+        except ValueError:
+            delay = 0.0
+        await asyncio.sleep(delay)
     body = bytearray()
     size = 0
     while True:

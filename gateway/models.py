@@ -5,8 +5,12 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from django.db.models import Q
+
+from gateway import routing
 
 path_prefix_validator = RegexValidator(
     r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
@@ -98,11 +102,39 @@ class Api(models.Model):
     description = models.TextField(blank=True)
     path_prefix = models.CharField(
         max_length=200,
-        unique=True,
         validators=[path_prefix_validator],
         help_text="Public prefix on the gateway, e.g. /demo",
     )
+    hosts = models.CharField(
+        max_length=500,
+        blank=True,
+        validators=[routing.validate_hosts],
+        help_text="Comma-separated host names this API answers on; '*.example.com' matches "
+        "every subdomain. Empty: any host.",
+    )
     upstream = models.ForeignKey(Upstream, related_name="apis", on_delete=models.PROTECT)
+
+    class VersionScheme(models.TextChoices):
+        NONE = "none", "Not versioned"
+        PATH = "path", "Path segment after the prefix (/prefix/v2/…)"
+        HEADER = "header", "Request header"
+        QUERY = "query", "Query parameter"
+
+    version_scheme = models.CharField(
+        max_length=6,
+        choices=VersionScheme.choices,
+        default=VersionScheme.NONE,
+        help_text="How a request names the API version; without one it gets the default.",
+    )
+    version_header = models.CharField(
+        max_length=100,
+        default="API-Version",
+        validators=[routing.header_name_validator],
+        help_text="Header naming the version (scheme 'header').",
+    )
+    version_query = models.CharField(
+        max_length=100, default="version", help_text="Query parameter (scheme 'query')."
+    )
     is_published = models.BooleanField(default=True, help_text="Listed in the portal catalog.")
     key_header = models.CharField(
         max_length=100, default="X-API-Key", help_text="Header that carries the API key."
@@ -127,23 +159,139 @@ class Api(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        """Two APIs may share a prefix only on hosts that do not overlap."""
+        mine = routing.parse_hosts(self.hosts)
+        for other in Api.objects.filter(path_prefix=self.path_prefix).exclude(pk=self.pk):
+            theirs = routing.parse_hosts(other.hosts)
+            if not mine or not theirs or set(mine) & set(theirs):
+                raise ValidationError(
+                    {
+                        "path_prefix": f"API '{other}' already serves {self.path_prefix} "
+                        "on these hosts."
+                    }
+                )
+
+
+class ApiVersion(models.Model):
+    """One version of an API: its own upstream if it has one, deprecation and sunset dates."""
+
+    api = models.ForeignKey(Api, related_name="versions", on_delete=models.CASCADE)
+    name = models.SlugField(max_length=40, help_text="As clients send it, e.g. v2 or 2024-06-01.")
+    is_default = models.BooleanField(
+        default=False, help_text="Serves requests that name no version."
+    )
+    upstream = models.ForeignKey(
+        Upstream,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        help_text="Overrides the API's upstream for this version.",
+    )
+    description = models.TextField(blank=True)
+    deprecated_at = models.DateTimeField(
+        null=True, blank=True, help_text="From then on, answers carry a Deprecation header."
+    )
+    sunset_at = models.DateTimeField(
+        null=True, blank=True, help_text="Announced end of life (Sunset header)."
+    )
+    docs_url = models.URLField(blank=True, help_text="Linked from deprecated answers.")
+
+    class Meta:
+        ordering = ["api", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["api", "name"], name="api_version_unique"),
+            models.UniqueConstraint(
+                fields=["api"], condition=Q(is_default=True), name="api_version_one_default"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.api.slug} {self.name}" if self.api_id else self.name
+
 
 class Route(models.Model):
-    """A path under an API that the gateway forwards; the longest matching prefix wins."""
+    """A path under an API that the gateway forwards (precedence: README, "Routing")."""
+
+    class Match(models.TextChoices):
+        PREFIX = "prefix", "Prefix (the path and everything under it)"
+        EXACT = "exact", "Exact path"
+        REGEX = "regex", "Regular expression (over the whole rest of the path)"
 
     api = models.ForeignKey(Api, related_name="routes", on_delete=models.CASCADE)
     name = models.CharField(max_length=100)
+    match = models.CharField(max_length=6, choices=Match.choices, default=Match.PREFIX)
     path = models.CharField(
-        max_length=200,
+        max_length=500,
         default="/",
-        validators=[RegexValidator(r"^/", "Starts with '/'.")],
-        help_text="Prefix under the API's path prefix; '/' matches everything.",
+        help_text="Under the API's prefix. Prefix and exact paths may hold {name} segments "
+        "(/orders/{id}); a regex may name groups ((?P<id>[0-9]+)).",
     )
     methods = models.CharField(
-        max_length=100, blank=True, help_text="Comma-separated, e.g. GET,POST. Empty: any."
+        max_length=100,
+        blank=True,
+        validators=[routing.validate_methods],
+        help_text="Comma-separated, e.g. GET,POST. Empty: any.",
+    )
+    hosts = models.CharField(
+        max_length=500,
+        blank=True,
+        validators=[routing.validate_hosts],
+        help_text="Comma-separated; '*.example.com' for subdomains. Empty: the API's hosts.",
+    )
+    headers = models.TextField(
+        blank=True,
+        validators=[routing.validate_header_conditions],
+        help_text="One condition a line: 'Name: value' (or 'Name: v1, v2'); 'Name: *' means "
+        "present. All must hold.",
+    )
+    version = models.ForeignKey(
+        ApiVersion,
+        null=True,
+        blank=True,
+        related_name="routes",
+        on_delete=models.CASCADE,
+        help_text="Serve this route for one version only. Empty: every version.",
+    )
+    priority = models.IntegerField(
+        default=0, help_text="Higher first, between routes that are equally specific."
     )
     strip_prefix = models.BooleanField(
-        default=True, help_text="Remove the API's path prefix before forwarding."
+        default=True,
+        help_text="Remove the API's prefix (and a path version segment) before forwarding.",
+    )
+    rewrite = models.CharField(
+        max_length=500,
+        blank=True,
+        validators=[RegexValidator(r"^/", "Starts with '/'.")],
+        help_text="Upstream path instead, with captured {name}s, e.g. /v1/orders/{id}; the "
+        "rest of a prefix match is appended.",
+    )
+    preserve_host = models.BooleanField(
+        default=False, help_text="Send the client's Host upstream instead of the target's."
+    )
+    connect_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(600)],
+        help_text="Seconds; empty: the upstream's.",
+    )
+    read_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(3600)],
+        help_text="Seconds between bytes of the answer; empty: the upstream's.",
+    )
+    timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(86400)],
+        help_text="Seconds for the whole exchange; empty: no total limit.",
+    )
+    max_body_bytes = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Largest request body (413 beyond); empty: GATEWAY_MAX_BODY_BYTES; 0: none.",
     )
     upstream = models.ForeignKey(
         Upstream,
@@ -163,3 +311,15 @@ class Route(models.Model):
     def method_set(self) -> frozenset[str]:
         """The HTTP methods this route accepts; empty means any."""
         return frozenset(m.strip().upper() for m in self.methods.split(",") if m.strip())
+
+    def clean(self) -> None:
+        """Refuse what the gateway could not compile: a bad pattern or rewrite, a version of
+        another API."""
+        try:
+            pattern = routing.compile_path(self.match, self.path)
+            if self.rewrite:
+                routing.compile_rewrite(self.rewrite, pattern.params)
+        except routing.RouteConfigError as exc:
+            raise ValidationError({exc.field: exc.message}) from None
+        if self.version_id and self.api_id and self.version.api_id != self.api_id:
+            raise ValidationError({"version": "A version of another API."})

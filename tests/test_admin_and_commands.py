@@ -9,7 +9,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from gateway.config import config_current_version
-from gateway.models import Api, Upstream
+from gateway.models import Api, Route, Upstream
 from portal.keys import key_digest
 from portal.models import ApiKey, Plan, Subscription, User
 from tests.conftest import active_key
@@ -80,8 +80,13 @@ def test_admin_edit_of_an_api_bumps_the_config(admin_client, catalog):
             "is_published": "on",
             "key_header": "X-API-Key",
             "limiter_failure": "open",
+            "version_scheme": "none",
+            "version_header": "API-Version",
+            "version_query": "version",
             "routes-TOTAL_FORMS": "0",
             "routes-INITIAL_FORMS": "0",
+            "versions-TOTAL_FORMS": "0",
+            "versions-INITIAL_FORMS": "0",
         },
     )
     assert resp.status_code == 302, resp.content[:2000]
@@ -151,3 +156,75 @@ def test_seeddemo_prints_a_generated_admin_password_once(monkeypatch):
     again = io.StringIO()
     call_command("seeddemo", stdout=again)
     assert "Admin account created" not in again.getvalue()
+
+
+def _route_form(catalog, **overrides) -> dict:
+    form = {
+        "api": catalog.api.pk,
+        "name": "orders",
+        "enabled": "on",
+        "match": "prefix",
+        "path": "/orders/{id}",
+        "methods": "",
+        "hosts": "",
+        "headers": "",
+        "priority": "0",
+        "strip_prefix": "on",
+        "rewrite": "",
+    }
+    form.update(overrides)
+    return form
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"match": "regex", "path": "/(unclosed"}, "path", "Not a valid regular expression"),
+        ({"rewrite": "/internal/{sku}"}, "rewrite", "is not captured by the path"),
+        ({"headers": "X-Tenant blue"}, "headers", "expected"),
+        ({"hosts": "api.example.com:8080"}, "hosts", "is not a host name"),
+        ({"methods": "GET,PO ST"}, "methods", "is not an HTTP method"),
+    ],
+)
+def test_admin_refuses_a_route_the_gateway_could_not_compile(
+    admin_client, catalog, overrides, field, message
+):
+    before = config_current_version()
+    resp = admin_client.post(reverse("admin:gateway_route_add"), _route_form(catalog, **overrides))
+    assert resp.status_code == 200
+    errors = resp.context["adminform"].form.errors
+    assert message in " ".join(errors[field]), errors
+    assert config_current_version() == before
+
+
+def test_admin_saves_a_templated_route_with_a_rewrite(admin_client, catalog):
+    resp = admin_client.post(
+        reverse("admin:gateway_route_add"), _route_form(catalog, rewrite="/internal/{id}")
+    )
+    assert resp.status_code == 302, resp.content[:3000]
+    assert Route.objects.filter(path="/orders/{id}", rewrite="/internal/{id}").exists()
+
+
+def test_two_apis_may_share_a_prefix_only_on_different_hosts(admin_client, catalog):
+    form = {
+        "name": "Demo EU",
+        "slug": "demo-eu",
+        "path_prefix": "/demo",
+        "hosts": "",
+        "upstream": catalog.upstream.pk,
+        "key_header": "X-API-Key",
+        "limiter_failure": "open",
+        "version_scheme": "none",
+        "version_header": "API-Version",
+        "version_query": "version",
+        "routes-TOTAL_FORMS": "0",
+        "routes-INITIAL_FORMS": "0",
+        "versions-TOTAL_FORMS": "0",
+        "versions-INITIAL_FORMS": "0",
+    }
+    resp = admin_client.post(reverse("admin:gateway_api_add"), form)
+    assert resp.status_code == 200
+    assert "already serves /demo" in str(resp.context["adminform"].form.errors)
+    Api.objects.filter(pk=catalog.api.pk).update(hosts="api.example.com")
+    resp = admin_client.post(reverse("admin:gateway_api_add"), {**form, "hosts": "eu.example.com"})
+    assert resp.status_code == 302

@@ -55,7 +55,13 @@ def test_key_request_reaches_upstream_with_consumer_and_without_credential(stack
     assert headers["x-request-id"] == resp.headers["x-request-id"]
     assert headers["x-forwarded-for"] == "127.0.0.1"
     assert headers["x-forwarded-host"] == f"127.0.0.1:{stack.gateway_port}"
-    for spoofed in ("x_consumer_id", "x-consumer-username", "forwarded", "x-real-ip"):
+    # Ours, not the client's: RFC 7239 Forwarded, Via, a trace started with the request id.
+    host = f"127.0.0.1:{stack.gateway_port}"
+    assert headers["forwarded"] == f'for=127.0.0.1;proto=http;host="{host}"'
+    assert headers["via"] == "1.1 apigw"
+    assert resp.headers["via"] == "1.1 apigw"
+    assert headers["traceparent"].startswith(f"00-{resp.headers['x-request-id']}-")
+    for spoofed in ("x_consumer_id", "x-consumer-username", "x-real-ip"):
         assert spoofed not in headers, spoofed
     assert "spoofed" not in resp.text and "6.6.6.6" not in resp.text
     assert resp.headers["x-ratelimit-limit"] == "1000"

@@ -35,7 +35,7 @@ def test_snapshot_holds_routes_and_usable_keys_only(developer, catalog):
     assert entry.plan_slug == "free"
     assert catalog.api.pk in entry.api_ids
     assert {r.kind for r in entry.limits} == {"rate", "quota"}
-    route = snap.router.match("GET", "/demo/anything")
+    route, _params = snap.router.match("GET", "/demo/anything")
     assert route.api_slug == "demo"
     assert [s.name for s in route.stages] == ["authenticate", "authorize", "limit"]
 

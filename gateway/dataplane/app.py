@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -38,9 +40,13 @@ from gateway.dataplane.stages.authenticate import AuthenticateStage
 from gateway.dataplane.stages.authorize import AuthorizeStage
 from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
-from gateway.dataplane.stages.proxy import ProxyHandler
+from gateway.dataplane.stages.proxy import ProxyHandler, body_too_large
 
 log = logging.getLogger("gateway")
+
+# An inbound X-Request-ID is kept when it looks like an id (correlation across hops); anything
+# else is replaced. It never becomes the log event's id: clients must not collide events.
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -92,6 +98,8 @@ class GatewayApp:
         self._errors = ThrottledLog(log, interval=1.0)
         self.metrics_stage = MetricsStage()
         self._ops_port = -1
+        self._trusted_proxies: tuple = ()
+        self._trust_cache: dict[str, bool] = {}
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -123,6 +131,7 @@ class GatewayApp:
     async def startup(self) -> None:
         s = self.settings = self.settings or load_settings()
         self._ops_port = s.ops_port
+        self._trusted_proxies = tuple(ipaddress.ip_network(n) for n in s.trusted_proxies)
         connector = aiohttp.TCPConnector(
             limit=s.upstream_pool_size, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=60
         )
@@ -193,8 +202,19 @@ class GatewayApp:
         current = self.snapshot
         if current is not None and (epoch, version) == (current.epoch, current.version):
             return False
-        apis, keys = await self._run_db(load_config, version)
-        snapshot = compile_snapshot(version, apis, keys, self._compile_route, epoch=epoch)
+        try:
+            apis, keys = await self._run_db(load_config, version)
+            snapshot = compile_snapshot(
+                version,
+                apis,
+                keys,
+                self._compile_route,
+                epoch=epoch,
+                default_max_body=self.settings.max_body_bytes,
+            )
+        except Exception:
+            metrics.SNAPSHOT_FAILURES.inc()
+            raise
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
         log.info(
             "config v%s: %d routes, %d keys, built in %.1f ms",
@@ -218,7 +238,11 @@ class GatewayApp:
             AuthorizeStage(api_id=route.api_id, api_slug=route.api_slug),
             LimitStage(limiter=self.limiter, fail_closed=route.fail_closed),
         ]
-        route.handler = ProxyHandler(session_getter=self._get_session, key_header=route.key_header)
+        route.handler = ProxyHandler(
+            session_getter=self._get_session,
+            key_header=route.key_header,
+            preserve_host=route.preserve_host,
+        )
 
     def _get_session(self) -> aiohttp.ClientSession:
         assert self._session is not None
@@ -373,15 +397,28 @@ class GatewayApp:
             await self.handle_ops(scope, send)
             return
         client = scope.get("client")
+        peer = client[0] if client else ""
+        event_id = f"{getrandbits(128):032x}"
         ctx = RequestContext(
             scope=scope,
             receive=receive,
             send=send,
-            request_id=f"{getrandbits(128):032x}",
+            request_id=event_id,
             method=scope["method"],
             path=scope["path"],
-            client_ip=client[0] if client else "",
+            client_ip=peer,
+            event_id=event_id,
+            peer_ip=peer,
         )
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                if _REQUEST_ID.match(v):
+                    ctx.request_id = v.decode()
+                    ctx.request_id_generated = False
+                break
+        if self._trusted_proxies and self._is_trusted(peer):
+            ctx.trusted_peer = True
+            ctx.client_ip = self._forwarded_client(scope["headers"]) or peer
         try:
             response = await self._dispatch(ctx)
             if response is not None and not ctx.client_gone:
@@ -425,7 +462,10 @@ class GatewayApp:
         if path is None:
             return problem("bad-request", "Malformed request path.", request_id=ctx.request_id)
         ctx.path = path
-        matched = snapshot.router.match(ctx.method, path)
+        scope = ctx.scope
+        matched = snapshot.router.match(
+            ctx.method, path, scope["headers"], scope.get("query_string", b"")
+        )
         if matched is None:
             return problem("not-found", f"No API is served at {path}.", request_id=ctx.request_id)
         if isinstance(matched, MethodNotAllowed):
@@ -435,12 +475,54 @@ class GatewayApp:
                 request_id=ctx.request_id,
                 headers=[(b"allow", ", ".join(sorted(matched.allowed)).encode())],
             )
-        ctx.route = matched
-        for stage in matched.stages:
+        route, ctx.path_params = matched
+        ctx.route = route
+        if route.extra_headers:
+            ctx.response_headers.extend(route.extra_headers)
+        if route.max_body:
+            length = ctx.header(b"content-length")
+            if length is not None and length.isdigit() and int(length) > route.max_body:
+                ctx.error_kind = "body_too_large"
+                return body_too_large(ctx)  # refused before a byte of it is read
+        for stage in route.stages:
             response = await stage.on_request(ctx)
             if response is not None:
                 return response
-        return await matched.handler.handle(ctx)
+        return await route.handler.handle(ctx)
+
+    # --- who the client is ---------------------------------------------------------------------
+    def _is_trusted(self, ip: str) -> bool:
+        """Is this peer one of GATEWAY_TRUSTED_PROXIES? (Cached: peers are few.)"""
+        cache = self._trust_cache
+        found = cache.get(ip)
+        if found is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+                found = any(addr in net for net in self._trusted_proxies)
+            except ValueError:
+                found = False
+            if len(cache) > 10_000:
+                cache.clear()
+            cache[ip] = found
+        return found
+
+    def _forwarded_client(self, headers) -> str:
+        """The client a chain of trusted proxies forwarded for: the rightmost X-Forwarded-For
+        address that is not itself a trusted proxy (the ones left of it could be forged)."""
+        chain: list[str] = []
+        for k, v in headers:
+            if k == b"x-forwarded-for":
+                chain.extend(p.strip() for p in v.decode("latin-1").split(","))
+        for hop in reversed(chain):
+            if not hop:
+                continue
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                return ""  # garbage in the chain: fall back to the peer
+            if not self._is_trusted(hop):
+                return hop
+        return chain[0] if chain else ""
 
     async def _send_local(self, ctx: RequestContext, response: LocalResponse) -> None:
         headers = [

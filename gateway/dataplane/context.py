@@ -30,10 +30,15 @@ class RequestContext:
     scope: dict[str, Any]
     receive: Any
     send: Any
-    request_id: str
+    request_id: str  # the client's X-Request-ID when well-formed, else event_id
     method: str
     path: str  # normalised, percent-decoded
-    client_ip: str
+    client_ip: str  # the client: the peer, or the address a trusted proxy forwarded for
+    event_id: str = ""  # always the gateway's own: the log event's id (never a client's)
+    peer_ip: str = ""  # the TCP peer
+    trusted_peer: bool = False  # the peer is a configured proxy: its X-Forwarded-* hold
+    request_id_generated: bool = True
+    path_params: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)
     route: RouteEntry | None = None
@@ -48,6 +53,7 @@ class RequestContext:
     error_kind: str = ""
     credential: str = ""  # where the key came from: "header" or "bearer"
     body_done: bool = False  # the whole request body has been received
+    body_too_large: bool = False  # the body passed the route's limit while streaming
     client_gone: bool = False  # the client disconnected before the response was complete
     task: Any = None  # the asyncio task serving this request
 

@@ -54,6 +54,10 @@ SNAPSHOT_BUILD = Gauge(
     "Time the worker took to compile its current snapshot.",
     multiprocess_mode="max",
 )
+SNAPSHOT_FAILURES = Counter(
+    "gateway_snapshot_build_failures_total",
+    "Snapshots that failed to build or compile; the last good one kept serving.",
+)
 _UPSTREAM_KINDS = {"upstream_error", "upstream_timeout", "upstream_aborted", "no_target"}
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 

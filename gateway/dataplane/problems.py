@@ -18,6 +18,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "forbidden": (403, "Forbidden"),
     "not-found": (404, "No route matches"),
     "method-not-allowed": (405, "Method not allowed"),
+    "body-too-large": (413, "Request body too large"),
     "uri-too-long": (414, "URI too long"),
     "header-too-large": (431, "Request header fields too large"),
     "rate-limited": (429, "Rate limit exceeded"),

@@ -1,9 +1,20 @@
 """Route matching, compiled once per snapshot.
 
-Routes are keyed by their full path prefix. A request path is matched by looking up its own
-prefixes at segment boundaries, longest first (`/a/b/c`, `/a/b`, `/a`, `/`), so the cost grows
-with the depth of the path, not with the number of routes. At one prefix, a route that names
-the request's method wins over one that accepts any method.
+Precedence, most specific first (README, "Routing"):
+
+1. Host: routes on the request's exact host, then on wildcard hosts (the longest suffix
+   first: `*.eu.example.com` before `*.example.com`), then routes for any host.
+2. Path, within one host group: an exact path; then regex routes (of the deepest API prefix
+   first); then prefix paths, the deepest first. Between paths of equal depth, a literal
+   segment beats a `{param}` at the first place where they differ.
+3. At one path: routes with more header/version conditions first, then routes that name
+   methods, then the higher `priority`, then the lower id (so the order is total).
+
+The first route whose host, path, headers, version and method all hold wins. When some route
+matched everything but the method, the answer is 405 with the methods that would have worked.
+
+Cost: one dict lookup per path segment (a trie), plus the regexes of the matched API only;
+it does not grow with the number of routes.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import posixpath
 import re
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 if TYPE_CHECKING:
     from gateway.dataplane.snapshot import RouteEntry
@@ -40,32 +52,215 @@ class MethodNotAllowed:
         self.allowed = allowed
 
 
+class _Node:
+    __slots__ = ("children", "param", "exact", "prefix", "regex")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.param: _Node | None = None
+        self.exact: list[RouteEntry] = []
+        self.prefix: list[RouteEntry] = []
+        self.regex: list[RouteEntry] = []
+
+
+def _route_order(route: RouteEntry) -> tuple:
+    conditions = len(route.header_conditions) + (route.version_condition is not None)
+    return (-conditions, not route.methods, -route.priority, route.id)
+
+
+class _PathTrie:
+    """The routes of one host group, by path segments."""
+
+    def __init__(self) -> None:
+        self.root = _Node()
+
+    def add(self, route: RouteEntry) -> None:
+        node = self.root
+        for seg in route.segments:
+            if seg is None:
+                node.param = node.param or _Node()
+                node = node.param
+            else:
+                node = node.children.setdefault(seg, _Node())
+        {"exact": node.exact, "prefix": node.prefix, "regex": node.regex}[route.kind].append(route)
+
+    def freeze(self) -> None:
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            for entries in (node.exact, node.prefix, node.regex):
+                entries.sort(key=_route_order)
+            stack.extend(node.children.values())
+            if node.param is not None:
+                stack.append(node.param)
+
+    def candidates(self, segs: list[str]) -> tuple[list, list, list]:
+        """(exact, regex, prefix) hits as (depth, routes, params) in precedence order."""
+        n = len(segs)
+        exact: list = []
+        regex: list = []
+        prefix: list = []
+        # Depth-first, literal child before the {param} child: at equal depth, the earlier
+        # hit is the more literal one. Params are the values taken by {param} segments.
+        stack: list[tuple[_Node, int, tuple[str, ...]]] = [(self.root, 0, ())]
+        while stack:
+            node, depth, params = stack.pop()
+            if node.prefix:
+                prefix.append((depth, node.prefix, params))
+            if node.regex:
+                regex.append((depth, node.regex, params))
+            if depth == n:
+                if node.exact:
+                    exact.append((depth, node.exact, params))
+                continue
+            seg = segs[depth]
+            if node.param is not None:
+                stack.append((node.param, depth + 1, (*params, seg)))
+            child = node.children.get(seg)
+            if child is not None:
+                stack.append((child, depth + 1, params))
+        # Deeper first; sort is stable, so literal-first order holds within a depth.
+        if len(regex) > 1:
+            regex.sort(key=_deeper_first)
+        if len(prefix) > 1:
+            prefix.sort(key=_deeper_first)
+        return exact, regex, prefix
+
+
+def _deeper_first(hit: tuple) -> int:
+    return -hit[0]
+
+
+def _host_of(scope_headers) -> str:
+    for k, v in scope_headers:
+        if k == b"host":
+            host = v.decode("latin-1").lower()
+            if host.startswith("["):  # IPv6 literal: [::1]:8080
+                return host.split("]", 1)[0] + "]"
+            return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+    return ""
+
+
 class Router:
     def __init__(self, routes: list[RouteEntry]) -> None:
-        table: dict[str, list[RouteEntry]] = {}
+        self._exact_hosts: dict[str, _PathTrie] = {}
+        self._wildcards: dict[str, _PathTrie] = {}  # ".example.com" -> routes of *.example.com
+        self._any = _PathTrie()
+        self._count = len(routes)
         for route in routes:
-            table.setdefault(route.prefix, []).append(route)
-        for entries in table.values():
-            # Method-specific routes first; ties broken by id for determinism.
-            entries.sort(key=lambda r: (not r.methods, r.id))
-        self._table = table
+            if not route.hosts:
+                self._any.add(route)
+            for host in route.hosts:
+                if host.startswith("*."):
+                    self._wildcards.setdefault(host[1:], _PathTrie()).add(route)
+                else:
+                    self._exact_hosts.setdefault(host, _PathTrie()).add(route)
+        for trie in (self._any, *self._exact_hosts.values(), *self._wildcards.values()):
+            trie.freeze()
+        self._by_host = bool(self._exact_hosts or self._wildcards)
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._table.values())
+        return self._count
 
-    def match(self, method: str, path: str) -> RouteEntry | MethodNotAllowed | None:
-        table = self._table
+    def _tries(self, scope_headers) -> list[_PathTrie]:
+        """The host groups to search, most specific first."""
+        if not self._by_host:
+            return [self._any]
+        host = _host_of(scope_headers)
+        tries = []
+        trie = self._exact_hosts.get(host)
+        if trie is not None:
+            tries.append(trie)
+        if self._wildcards:
+            dot = host.find(".")
+            while dot != -1:
+                trie = self._wildcards.get(host[dot:])
+                if trie is not None:
+                    tries.append(trie)
+                dot = host.find(".", dot + 1)
+        tries.append(self._any)
+        return tries
+
+    def match(
+        self, method: str, path: str, scope_headers=(), query: bytes = b""
+    ) -> tuple[RouteEntry, dict[str, str]] | MethodNotAllowed | None:
+        """The route for a request and the parameters its path captured.
+
+        `path` is normalised and percent-decoded; `scope_headers` are the ASGI header pairs
+        (lower-case names); `query` is the raw query string. Returns (route, params),
+        MethodNotAllowed, or None when nothing matches.
+        Example: match("GET", "/shop/orders/7") → (<route /orders/{id}>, {"id": "7"}).
+        """
+        segs = [s for s in path.split("/") if s]
         allowed: set[str] = set()
-        candidate = path.rstrip("/") or "/"
-        while True:
-            entries = table.get(candidate)
-            if entries:
-                for route in entries:
-                    if not route.methods or method in route.methods:
-                        return route
-                    allowed |= route.methods
-            if candidate == "/":
-                break
-            cut = candidate.rfind("/")
-            candidate = candidate[:cut] or "/"
+        request = _Request(scope_headers, query)  # parses nothing until a condition asks
+        for trie in self._tries(scope_headers):
+            exact, regex, prefix = trie.candidates(segs)
+            for _depth, routes, values in exact:
+                found = _first(routes, method, request, allowed)
+                if found is not None:
+                    return found, _params(found, values)
+            for depth, routes, values in regex:
+                rest = "/" + "/".join(segs[depth:])
+                if path.endswith("/") and depth < len(segs):
+                    rest += "/"
+                for route in routes:
+                    m = route.regex.fullmatch(rest)
+                    if m is not None and _first((route,), method, request, allowed):
+                        params = _params(route, values)
+                        params.update({k: v for k, v in m.groupdict().items() if v is not None})
+                        return route, params
+            for _depth, routes, values in prefix:
+                found = _first(routes, method, request, allowed)
+                if found is not None:
+                    return found, _params(found, values)
         return MethodNotAllowed(frozenset(allowed)) if allowed else None
+
+
+def _params(route: RouteEntry, values: tuple[str, ...]) -> dict[str, str]:
+    return dict(zip(route.param_names, values, strict=False)) if values else {}
+
+
+class _Request:
+    """What conditions read: headers by name and the query, parsed only when asked."""
+
+    __slots__ = ("headers", "query", "_query_params")
+
+    def __init__(self, headers, query: bytes) -> None:
+        self.headers = headers
+        self.query = query
+        self._query_params: dict[str, str] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def query_param(self, name: str) -> str | None:
+        if self._query_params is None:
+            self._query_params = dict(
+                parse_qsl(self.query.decode("latin-1"), keep_blank_values=True)
+            )
+        return self._query_params.get(name)
+
+
+def _first(routes, method: str, request: _Request, allowed: set[str]) -> RouteEntry | None:
+    for route in routes:
+        if route.unconditional:
+            if not route.methods or method in route.methods:
+                return route
+            allowed |= route.methods
+            continue
+        for name, accepted in route.header_conditions:
+            value = request.header(name)
+            if value is None or (accepted is not None and value.strip() not in accepted):
+                break
+        else:
+            vc = route.version_condition
+            if vc is not None and not vc.holds(request):
+                continue
+            if not route.methods or method in route.methods:
+                return route
+            allowed |= route.methods
+    return None

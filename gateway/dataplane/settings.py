@@ -22,6 +22,8 @@ class GatewaySettings:
     redis_timeout: float
     redis_url: str
     key_hmac_secret: bytes
+    max_body_bytes: int = 0
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def load_settings() -> GatewaySettings:
@@ -52,4 +54,6 @@ def load_settings() -> GatewaySettings:
         redis_timeout=g["REDIS_TIMEOUT"],
         redis_url=settings.REDIS_URL,
         key_hmac_secret=settings.API_KEY_HMAC_SECRET.encode(),
+        max_body_bytes=g["MAX_BODY_BYTES"],
+        trusted_proxies=g["TRUSTED_PROXIES"],
     )

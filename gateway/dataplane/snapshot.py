@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 import aiohttp
 
+from gateway import routing
 from gateway.dataplane.router import Router
 
 if TYPE_CHECKING:
@@ -79,22 +82,65 @@ class KeyEntry:
     limits: tuple[LimitRule, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class VersionCondition:
+    """The API version a request names must be `value` (or be absent, for the default)."""
+
+    kind: str  # "header" | "query"
+    name: str  # lower-case header name, or the query parameter
+    value: str
+    accepts_missing: bool
+
+    def holds(self, request) -> bool:
+        if self.kind == "header":
+            raw = request.header(self.name_bytes)
+            given = raw.decode("latin-1").strip() if raw is not None else None
+        else:
+            given = request.query_param(self.name)
+        if not given:
+            return self.accepts_missing
+        return given == self.value
+
+    @property
+    def name_bytes(self) -> bytes:
+        return self.name.encode("latin-1")
+
+
 @dataclass(slots=True)
 class RouteEntry:
     id: int
     api_id: int
     api_slug: str
-    api_prefix: str
-    prefix: str  # full public prefix, no trailing slash ("/" for the root)
     path: str  # the route's own path, as logged
     methods: frozenset[str]
-    strip_prefix: bool
     key_header: bytes  # lower-case
     key_header_label: str  # as configured, for messages
     fail_closed: bool  # refuse (503) rather than admit when the limit store is unreachable
     upstream: UpstreamEntry
+    # --- matching (router.py) ---
+    kind: str = "prefix"  # "prefix" | "exact" | "regex"
+    segments: tuple[str | None, ...] = ()  # the whole public path; None: a {param}
+    param_names: tuple[str, ...] = ()  # names of the {param} segments, in order
+    regex: re.Pattern | None = None  # regex routes: over the path below `segments`
+    hosts: tuple[str, ...] = ()
+    header_conditions: tuple[tuple[bytes, frozenset[bytes] | None], ...] = ()
+    version_condition: VersionCondition | None = None
+    priority: int = 0
+    unconditional: bool = True  # no header or version condition (set in __post_init__)
+    # --- forwarding (stages/proxy.py) ---
+    strip: str = ""  # public prefix removed before forwarding ("" keeps the path)
+    rewrite: tuple | None = None  # routing.compile_rewrite parts
+    preserve_host: bool = False
+    timeout: aiohttp.ClientTimeout | None = None  # None: the upstream's
+    max_body: int = 0  # bytes; 0: no limit
+    version: str = ""
+    # Added to every answer of this route (Deprecation, Sunset, Link of a deprecated version).
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()
     stages: list[Stage] = field(default_factory=list)
     handler: Handler | None = None
+
+    def __post_init__(self) -> None:
+        self.unconditional = not self.header_conditions and self.version_condition is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +160,9 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
 
     apis = list(
         Api.objects.select_related("upstream")
-        .prefetch_related("routes__upstream__targets", "upstream__targets")
+        .prefetch_related(
+            "routes__upstream__targets", "upstream__targets", "versions__upstream__targets"
+        )
         .all()
     )
     plan_apis: dict[int, frozenset[int]] = {
@@ -158,10 +206,115 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
     return apis, keys
 
 
+def _version_headers(version) -> tuple[tuple[bytes, bytes], ...]:
+    """RFC 9745 Deprecation, RFC 8594 Sunset and their Links, for a deprecated version."""
+    if version is None or (version.deprecated_at is None and version.sunset_at is None):
+        return ()
+    out: list[tuple[bytes, bytes]] = []
+    if version.deprecated_at is not None:
+        out.append((b"deprecation", f"@{int(version.deprecated_at.timestamp())}".encode()))
+    if version.sunset_at is not None:
+        out.append((b"sunset", formatdate(version.sunset_at.timestamp(), usegmt=True).encode()))
+    if version.docs_url:
+        rels = [
+            r
+            for r, at in (("deprecation", version.deprecated_at), ("sunset", version.sunset_at))
+            if at
+        ]
+        for rel in rels:
+            out.append((b"link", f'<{version.docs_url}>; rel="{rel}"; type="text/html"'.encode()))
+    return tuple(out)
+
+
+def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) -> list[RouteEntry]:
+    """The router entries of one route: one per API version it serves (and, for the default
+    version of a path-versioned API, one without the version segment)."""
+    pattern = routing.compile_path(route.match, route.path)
+    rewrite = routing.compile_rewrite(route.rewrite, pattern.params) if route.rewrite else None
+    api_segments = tuple(routing.split_path(api.path_prefix))
+    api_prefix = "/" + "/".join(api_segments) if api_segments else ""
+    hosts = routing.parse_hosts(route.hosts or api.hosts)
+    header_conditions = routing.parse_header_conditions(route.headers)
+    max_body = default_max_body if route.max_body_bytes is None else route.max_body_bytes
+    scheme = api.version_scheme
+    versions = list(api.versions.all()) if scheme != "none" else []
+    if route.version_id is not None and scheme != "none":
+        versions = [v for v in versions if v.pk == route.version_id]
+        if not versions:
+            return []
+    # (version, extra path segment, version condition)
+    variants: list[tuple] = []
+    if not versions:
+        variants.append((None, (), None))
+    for v in versions:
+        if scheme == "path":
+            variants.append((v, (v.name,), None))
+            if v.is_default:
+                variants.append((v, (), None))
+        else:
+            name = api.version_header.lower() if scheme == "header" else api.version_query
+            variants.append((v, (), VersionCondition(scheme, name, v.name, v.is_default)))
+    entries = []
+    for version, version_segment, condition in variants:
+        up = route.upstream or (version.upstream if version else None) or api.upstream
+        base = api_segments + version_segment
+        connect = route.connect_timeout
+        read = route.read_timeout
+        timeout = None
+        if connect is not None or read is not None or route.timeout is not None:
+            entry_up = upstream_entry(up)
+            timeout = aiohttp.ClientTimeout(
+                total=route.timeout,
+                sock_connect=connect if connect is not None else entry_up.connect_timeout,
+                sock_read=read if read is not None else entry_up.read_timeout,
+            )
+        entries.append(
+            RouteEntry(
+                id=route.pk,
+                api_id=api.pk,
+                api_slug=api.slug,
+                path=route.path,
+                methods=route.method_set(),
+                key_header=api.key_header.lower().encode(),
+                key_header_label=api.key_header,
+                fail_closed=api.limiter_failure == "closed",
+                upstream=upstream_entry(up),
+                kind=pattern.kind,
+                segments=base + pattern.segments,
+                param_names=pattern.params if pattern.kind != "regex" else (),
+                regex=pattern.regex,
+                hosts=hosts,
+                header_conditions=header_conditions,
+                version_condition=condition,
+                priority=route.priority,
+                strip=(api_prefix + "".join("/" + s for s in version_segment))
+                if route.strip_prefix
+                else "",
+                rewrite=rewrite,
+                preserve_host=route.preserve_host,
+                timeout=timeout,
+                max_body=max_body,
+                version=version.name if version else "",
+                extra_headers=_version_headers(version),
+            )
+        )
+    return entries
+
+
 def compile_snapshot(
-    version: int, apis: list, keys: dict[str, KeyEntry], compile_route, *, epoch: str = ""
+    version: int,
+    apis: list,
+    keys: dict[str, KeyEntry],
+    compile_route,
+    *,
+    epoch: str = "",
+    default_max_body: int = 0,
 ) -> Snapshot:
-    """Turn model rows into the immutable snapshot; `compile_route` builds a route's stages."""
+    """Turn model rows into the immutable snapshot; `compile_route` builds a route's stages.
+
+    A route that cannot be compiled raises RouteConfigError: the whole snapshot is refused
+    and the gateway keeps serving the last good one.
+    """
     started = time.perf_counter()
     upstreams: dict[int, UpstreamEntry] = {}
 
@@ -186,23 +339,11 @@ def compile_snapshot(
         for r in api.routes.all():
             if not r.enabled:
                 continue
-            prefix = (api.path_prefix.rstrip("/") + r.path).rstrip("/") or "/"
-            entry = RouteEntry(
-                id=r.pk,
-                api_id=api.pk,
-                api_slug=api.slug,
-                api_prefix=api.path_prefix.rstrip("/"),
-                prefix=prefix,
-                path=r.path,
-                methods=r.method_set(),
-                strip_prefix=r.strip_prefix,
-                key_header=api.key_header.lower().encode(),
-                key_header_label=api.key_header,
-                fail_closed=api.limiter_failure == "closed",
-                upstream=upstream_entry(r.upstream or api.upstream),
-            )
-            compile_route(entry, keys)
-            routes.append(entry)
+            for entry in compile_route_entries(
+                api, r, upstream_entry, default_max_body=default_max_body
+            ):
+                compile_route(entry, keys)
+                routes.append(entry)
     return Snapshot(
         version=version,
         epoch=epoch,

@@ -23,7 +23,7 @@ class LogStage(Stage):
         # Never a secret here: ids and numbers only, no key, token or header values.
         self.buffer.push(
             (
-                ctx.request_id,
+                ctx.event_id,
                 ctx.wall_time,
                 route.api_id if route else None,
                 route.id if route else None,

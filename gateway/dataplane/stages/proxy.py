@@ -9,7 +9,9 @@ must not be read forever for nobody).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from random import getrandbits
 from urllib.parse import quote
 
 import aiohttp
@@ -39,6 +41,9 @@ HOP_BY_HOP = frozenset(
 GATEWAY_ASSERTED = frozenset(
     {
         b"host",
+        b"via",
+        b"traceparent",
+        b"tracestate",
         b"x-request-id",
         b"x-forwarded-for",
         b"x-forwarded-host",
@@ -52,13 +57,37 @@ _ASSERTED_PREFIX = b"x-consumer-"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # The upstream's request id is replaced by the gateway's own.
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+VIA = "1.1 apigw"  # RFC 9110 §7.6.3: received-protocol and a pseudonym, no version leak
+_VIA_RESPONSE = (b"via", VIA.encode())
+# W3C Trace Context: version-traceid-parentid-flags; all-zero ids are invalid.
+_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past the route's limit while it streamed."""
+
+
+def valid_traceparent(value: bytes) -> bool:
+    m = _TRACEPARENT.match(value.strip())
+    if m is None:
+        return False
+    version, trace, parent, _flags, rest = m.groups()
+    if version == b"ff" or (version == b"00" and rest):
+        return False
+    return trace != b"0" * 32 and parent != b"0" * 16
+
+
+def _forwarded_node(ip: str) -> str:
+    """An RFC 7239 node: IPv6 addresses are bracketed and quoted."""
+    return f'"[{ip}]"' if ":" in ip else ip
 
 
 class ProxyHandler:
-    def __init__(self, *, session_getter, key_header: bytes) -> None:
+    def __init__(self, *, session_getter, key_header: bytes, preserve_host: bool = False) -> None:
         self._session = session_getter
         self.key_header = key_header  # the API's credential header: never forwarded
         self.drop = HOP_BY_HOP | GATEWAY_ASSERTED | {key_header}
+        self.preserve_host = preserve_host
 
     def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict:
         drop = self.drop
@@ -67,30 +96,70 @@ class ProxyHandler:
             if k == b"connection":  # fields it names are hop-by-hop too (RFC 9110 §7.6.1)
                 drop = drop | {t.strip().lower() for t in v.split(b",")}
         pairs: list[tuple[str, str]] = []
-        forwarded_for = None
-        host = None
+        forwarded_for = forwarded = forwarded_proto = forwarded_host = None
+        host = via = traceparent = tracestate = None
         strip_bearer = ctx.credential == "bearer"
         for k, v in scope_headers:
             name = k.replace(b"_", b"-") if b"_" in k else k
             if name in drop or name.startswith(_ASSERTED_PREFIX):
-                if k == b"x-forwarded-for":
-                    forwarded_for = v
-                elif k == b"host":
+                if k == b"host":
                     host = v
+                elif k == b"via":
+                    via = v
+                elif k == b"traceparent":
+                    traceparent = v
+                elif k == b"tracestate":
+                    tracestate = v
+                elif k == b"x-forwarded-for":
+                    forwarded_for = v
+                elif k == b"forwarded":
+                    forwarded = v
+                elif k == b"x-forwarded-proto":
+                    forwarded_proto = v
+                elif k == b"x-forwarded-host":
+                    forwarded_host = v
                 continue
             if strip_bearer and k == b"authorization" and v[:7].lower() == b"bearer ":
                 continue  # the key came as a bearer token: do not pass it on
             pairs.append((k.decode("latin-1"), v.decode("latin-1")))
         out = CIMultiDict(pairs)
-        client = ctx.client_ip
-        # Inbound X-Forwarded-For is kept only as a prefix of ours (as nginx does); trusting it
-        # for policy needs configured proxy CIDRs (data-plane issue).
-        out["X-Forwarded-For"] = (
-            f"{forwarded_for.decode('latin-1')}, {client}" if forwarded_for else client
-        )
-        out["X-Forwarded-Proto"] = ctx.scope.get("scheme", "http")
-        if host is not None:
-            out["X-Forwarded-Host"] = host.decode("latin-1")
+        peer = ctx.peer_ip
+        proto = ctx.scope.get("scheme", "http")
+        public_host = host.decode("latin-1") if host is not None else ""
+        if ctx.trusted_peer:
+            # A configured proxy in front of us: its view of the client, scheme and host
+            # holds, and we add ourselves to the chain.
+            chain = forwarded_for.decode("latin-1") if forwarded_for else ""
+            out["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+            if forwarded_proto:
+                proto = forwarded_proto.decode("latin-1")
+            if forwarded_host:
+                public_host = forwarded_host.decode("latin-1")
+        else:
+            # Anyone else's forwarding headers are dropped: they would let a client pose as
+            # another address (X-Forwarded-For feeds IP policies and logs upstream).
+            forwarded = None
+            out["X-Forwarded-For"] = peer
+        out["X-Forwarded-Proto"] = proto
+        if public_host:
+            out["X-Forwarded-Host"] = public_host
+        element = f"for={_forwarded_node(peer)};proto={proto}"
+        if public_host:
+            element += f';host="{public_host}"'
+        out["Forwarded"] = f"{forwarded.decode('latin-1')}, {element}" if forwarded else element
+        out["Via"] = f"{via.decode('latin-1')}, {VIA}" if via else VIA
+        if self.preserve_host and host is not None:
+            out["Host"] = host.decode("latin-1")
+        if traceparent is not None and valid_traceparent(traceparent):
+            out["traceparent"] = traceparent.decode("latin-1").strip()
+            if tracestate is not None:
+                out["tracestate"] = tracestate.decode("latin-1")
+        else:
+            # Start a trace; when the request id is ours, it is the trace id as well, so
+            # that one id finds the request in the gateway's log and in the upstream's traces.
+            rid = ctx.request_id
+            trace = rid if ctx.request_id_generated else f"{getrandbits(128):032x}"
+            out["traceparent"] = f"00-{trace}-{getrandbits(64):016x}-01"
         out["X-Request-ID"] = ctx.request_id
         key = ctx.key
         if key is not None:
@@ -106,6 +175,9 @@ class ProxyHandler:
             raise ClientDisconnected
         chunk = first.get("body", b"")
         ctx.bytes_in += len(chunk)
+        limit = ctx.route.max_body
+        if limit and ctx.bytes_in > limit:
+            raise BodyTooLarge
         if not first.get("more_body", False):
             ctx.body_done = True
             return chunk or None
@@ -121,6 +193,9 @@ class ProxyHandler:
                 data = msg.get("body", b"")
                 if data:
                     ctx.bytes_in += len(data)
+                    if limit and ctx.bytes_in > limit:
+                        ctx.body_too_large = True
+                        raise BodyTooLarge
                     yield data
                 if not msg.get("more_body", False):
                     ctx.body_done = True
@@ -131,13 +206,18 @@ class ProxyHandler:
     def _upstream_path(self, ctx: RequestContext) -> str:
         """The path to send upstream: the client's own bytes where that is safe."""
         route = ctx.route
-        strip = route.api_prefix if route.strip_prefix else ""
+        if route.rewrite is not None:
+            return _rewritten(route, ctx.path, ctx.path_params)
+        strip = route.strip
         raw = ctx.scope.get("raw_path")
         # When normalising changed nothing, forward the raw bytes (keeping %2F, %FF, …) after
         # the prefix; otherwise the normalised path that the route was matched on.
-        if raw and ctx.path == ctx.scope["path"] and raw.startswith(strip.encode()):
-            raw_path = raw.split(b"?", 1)[0][len(strip) :].decode("latin-1")
-            return raw_path if raw_path.startswith("/") else "/" + raw_path
+        if raw and ctx.path == ctx.scope["path"]:
+            raw = raw.split(b"?", 1)[0]
+            cut = len(strip)
+            if raw.startswith(strip.encode()) and raw[cut : cut + 1] in (b"/", b""):
+                raw_path = raw[cut:].decode("latin-1")
+                return raw_path or "/"
         path = ctx.path[len(strip) :] if strip else ctx.path
         return quote(path or "/", safe=_PATH_SAFE)
 
@@ -153,6 +233,7 @@ class ProxyHandler:
                 request_id=ctx.request_id,
             )
         url = target.base_url + self._upstream_path(ctx)
+        timeout = route.timeout or route.upstream.timeout
         query = ctx.scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
@@ -168,11 +249,12 @@ class ProxyHandler:
                 headers=headers,
                 data=data,
                 allow_redirects=False,
-                timeout=route.upstream.timeout,
+                timeout=timeout,
             ) as resp:
                 ctx.upstream_latency = time.perf_counter() - sent
                 out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_RETURNED]
                 out.append((b"x-request-id", ctx.request_id.encode()))
+                out.append(_VIA_RESPONSE)
                 out.extend(ctx.response_headers)
                 ctx.status = resp.status
                 ctx.response_started = True
@@ -192,6 +274,9 @@ class ProxyHandler:
         except Exception as exc:
             if ctx.client_gone:
                 return None  # nobody to answer; logged as 499
+            if isinstance(exc, BodyTooLarge) or ctx.body_too_large:
+                ctx.error_kind = "body_too_large"
+                return body_too_large(ctx)
             if ctx.response_started:
                 ctx.error_kind = "upstream_aborted"
                 raise
@@ -215,6 +300,33 @@ class ProxyHandler:
             if watcher is not None and not watcher.done():
                 watcher.cancel()
         return None
+
+
+def body_too_large(ctx: RequestContext) -> LocalResponse:
+    """413 for a body over the route's limit (the connection is closed after it: the rest of
+    the body is not read)."""
+    return problem(
+        "body-too-large",
+        f"The request body is larger than {ctx.route.max_body} bytes.",
+        request_id=ctx.request_id,
+        headers=[(b"connection", b"close")],
+    )
+
+
+def _rewritten(route, path: str, params: dict[str, str]) -> str:
+    """The route's rewrite template with captured parameters; for a prefix route the part
+    of the path below the route follows."""
+    out = "".join(
+        p if isinstance(p, str) else quote(params.get(p[0], ""), safe=_PATH_SAFE)
+        for p in route.rewrite
+    )
+    if route.kind == "prefix":
+        rest = [s for s in path.split("/") if s][len(route.segments) :]
+        if rest:
+            out = out.rstrip("/") + "/" + quote("/".join(rest), safe=_PATH_SAFE)
+            if path.endswith("/"):
+                out += "/"
+    return out
 
 
 async def _cancel_on_disconnect(ctx: RequestContext) -> None:

@@ -1,0 +1,272 @@
+"""Routing, versions and forwarding through the real gateway to the real echo upstream."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import requests
+
+from tests.conftest import _wait_stable, active_key, make_user, wait_for_key
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def key(stack, live):
+    """A Free-plan key that every gateway worker knows."""
+    issued = active_key(make_user("dev@example.com"), live.free)
+    wait_for_key(stack, issued.key)
+    return issued.key
+
+
+def configure(stack, live, build, *, probe: str, headers: dict | None = None) -> None:
+    """Run `build(upstream)` (creating APIs and routes) with a config bump, add its APIs to
+    the Free plan, then wait until every worker routes `probe`."""
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from gateway.models import Api
+
+    with transaction.atomic():
+        before = set(Api.objects.values_list("pk", flat=True))
+        build(live.upstream)
+        live.free.apis.add(*Api.objects.exclude(pk__in=before))
+        config_bump(reason="test routes")
+    _wait_stable(
+        stack,
+        lambda: stack.get(probe, headers=headers or {}).status_code != 404,
+        timeout=10,
+        what=f"the workers to route {probe}",
+    )
+
+
+def echo(resp: requests.Response) -> dict:
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    body["headers"] = {k.lower(): v for k, v in body["headers"].items()}
+    return body
+
+
+def test_templated_route_rewrites_the_path_with_its_parameters(stack, live, key):
+    from gateway.models import Api, Route
+
+    def build(up):
+        api = Api.objects.create(name="Shop", slug="shop", path_prefix="/shop", upstream=up)
+        Route.objects.create(
+            api=api, name="order", path="/orders/{id}", rewrite="/internal/orders/{id}"
+        )
+        Route.objects.create(api=api, name="me", path="/orders/me", match="exact")
+
+    configure(stack, live, build, probe="/shop/orders/1")
+    got = echo(stack.get("/shop/orders/42/items?x=1", headers={"X-API-Key": key}))
+    assert got["path"] == "/internal/orders/42/items"
+    assert got["query"] == {"x": "1"}
+    # A literal segment beats the {id} template; exact routes strip the API prefix.
+    assert echo(stack.get("/shop/orders/me", headers={"X-API-Key": key}))["path"] == "/orders/me"
+
+
+def test_host_routing_exact_and_wildcard(stack, live, key):
+    from gateway.models import Api, Route
+
+    def build(up):
+        a = Api.objects.create(
+            name="Exact", slug="h-exact", path_prefix="/h", hosts="api.example.test", upstream=up
+        )
+        Route.objects.create(api=a, name="r", path="/", rewrite="/exact")
+        w = Api.objects.create(
+            name="Wild", slug="h-wild", path_prefix="/h", hosts="*.example.test", upstream=up
+        )
+        Route.objects.create(api=w, name="r", path="/", rewrite="/wild")
+
+    configure(stack, live, build, probe="/h/x", headers={"Host": "api.example.test"})
+
+    def path_for(host: str) -> str | int:
+        resp = stack.get("/h/x", headers={"X-API-Key": key, "Host": host})
+        return resp.json()["path"] if resp.status_code == 200 else resp.status_code
+
+    assert path_for("api.example.test") == "/exact/x"
+    assert path_for("API.EXAMPLE.TEST:8080") == "/exact/x"
+    assert path_for("shop.example.test") == "/wild/x"
+    assert path_for("example.test") == 404
+    assert path_for("127.0.0.1") == 404
+
+
+def test_regex_and_header_conditions(stack, live, key):
+    from gateway.models import Api, Route
+
+    def build(up):
+        api = Api.objects.create(name="Rx", slug="rx", path_prefix="/rx", upstream=up)
+        Route.objects.create(
+            api=api,
+            name="sku",
+            match="regex",
+            path=r"/items/(?P<sku>[0-9]{3,})",
+            rewrite="/sku/{sku}",
+        )
+        Route.objects.create(api=api, name="beta", path="/", headers="X-Beta: yes", rewrite="/beta")
+        Route.objects.create(api=api, name="rest", path="/")
+
+    configure(stack, live, build, probe="/rx/x")
+    h = {"X-API-Key": key}
+    assert echo(stack.get("/rx/items/1234", headers=h))["path"] == "/sku/1234"
+    assert echo(stack.get("/rx/items/12", headers=h))["path"] == "/items/12"
+    assert echo(stack.get("/rx/a", headers={**h, "X-Beta": "yes"}))["path"] == "/beta/a"
+    assert echo(stack.get("/rx/a", headers={**h, "X-Beta": "no"}))["path"] == "/a"
+
+
+def test_path_versions_with_a_default_and_deprecation_headers(stack, live, key):
+    from gateway.models import Api, ApiVersion, Route
+
+    def build(up):
+        api = Api.objects.create(
+            name="Orders", slug="orders", path_prefix="/orders", upstream=up, version_scheme="path"
+        )
+        ApiVersion.objects.create(
+            api=api,
+            name="v1",
+            is_default=True,
+            deprecated_at=datetime(2026, 6, 1, tzinfo=UTC),
+            sunset_at=datetime(2027, 6, 1, tzinfo=UTC),
+            docs_url="https://docs.example.test/orders/v1",
+        )
+        v2 = ApiVersion.objects.create(api=api, name="v2")
+        Route.objects.create(api=api, name="all", path="/")
+        Route.objects.create(api=api, name="v2-only", path="/new", version=v2, rewrite="/v2new")
+
+    configure(stack, live, build, probe="/orders/v2/x")
+    h = {"X-API-Key": key}
+    v1 = stack.get("/orders/v1/items", headers=h)
+    assert echo(v1)["path"] == "/items"  # the prefix and the version segment are stripped
+    assert v1.headers["deprecation"] == f"@{int(datetime(2026, 6, 1, tzinfo=UTC).timestamp())}"
+    assert v1.headers["sunset"] == "Tue, 01 Jun 2027 00:00:00 GMT"
+    assert v1.headers["link"] == (
+        '<https://docs.example.test/orders/v1>; rel="deprecation"; type="text/html", '
+        '<https://docs.example.test/orders/v1>; rel="sunset"; type="text/html"'
+    )
+    default = stack.get("/orders/items", headers=h)
+    assert echo(default)["path"] == "/items" and "deprecation" in default.headers
+    v2 = stack.get("/orders/v2/items", headers=h)
+    assert echo(v2)["path"] == "/items"
+    assert "deprecation" not in v2.headers and "sunset" not in v2.headers
+    assert echo(stack.get("/orders/v2/new", headers=h))["path"] == "/v2new"
+    assert echo(stack.get("/orders/v1/new", headers=h))["path"] == "/new"  # v2 only
+
+
+def test_header_and_query_versions(stack, live, key):
+    from gateway.models import Api, ApiVersion, Route
+
+    def build(up):
+        for scheme in ("header", "query"):
+            api = Api.objects.create(
+                name=scheme,
+                slug=f"by-{scheme}",
+                path_prefix=f"/by-{scheme}",
+                upstream=up,
+                version_scheme=scheme,
+            )
+            one = ApiVersion.objects.create(api=api, name="1", is_default=True)
+            two = ApiVersion.objects.create(api=api, name="2")
+            Route.objects.create(api=api, name="1", path="/", version=one, rewrite="/one")
+            Route.objects.create(api=api, name="2", path="/", version=two, rewrite="/two")
+
+    configure(stack, live, build, probe="/by-query/x")
+    h = {"X-API-Key": key}
+    assert echo(stack.get("/by-header/x", headers={**h, "API-Version": "2"}))["path"] == "/two/x"
+    assert echo(stack.get("/by-header/x", headers=h))["path"] == "/one/x"
+    assert stack.get("/by-header/x", headers={**h, "API-Version": "9"}).status_code == 404
+    assert echo(stack.get("/by-query/x?version=2", headers=h))["path"] == "/two/x"
+    assert echo(stack.get("/by-query/x?a=b", headers=h))["path"] == "/one/x"
+
+
+def test_inbound_request_id_and_traceparent_are_kept_when_well_formed(stack, live, key):
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    resp = stack.get(
+        "/demo/anything",
+        headers={"X-API-Key": key, "X-Request-ID": "client-abc.123", "traceparent": trace},
+    )
+    got = echo(resp)
+    assert resp.headers["x-request-id"] == "client-abc.123"
+    assert got["headers"]["x-request-id"] == "client-abc.123"
+    assert got["headers"]["traceparent"] == trace
+    bad = stack.get(
+        "/demo/anything",
+        headers={"X-API-Key": key, "X-Request-ID": "no spaces allowed", "traceparent": "00-zz"},
+    )
+    got = echo(bad)
+    assert bad.headers["x-request-id"] != "no spaces allowed"
+    assert got["headers"]["x-request-id"] == bad.headers["x-request-id"]
+    assert got["headers"]["traceparent"].startswith(f"00-{bad.headers['x-request-id']}-")
+    # A problem carries the client's id too.
+    missing = stack.get("/demo/anything", headers={"X-Request-ID": "corr-1"})
+    assert missing.status_code == 401 and missing.json()["request_id"] == "corr-1"
+
+
+def test_body_over_the_route_limit_is_413_before_and_while_streaming(stack, live, key):
+    from gateway.models import Api, Route
+
+    def build(up):
+        api = Api.objects.create(name="Small", slug="small", path_prefix="/small", upstream=up)
+        Route.objects.create(api=api, name="r", path="/", max_body_bytes=1000)
+
+    configure(stack, live, build, probe="/small/x")
+    url = stack.gateway_url + "/small/upload"
+    h = {"X-API-Key": key}
+    ok = requests.post(url, data=b"x" * 1000, headers=h, timeout=10)
+    assert echo(ok)["body_size"] == 1000
+    declared = requests.post(url, data=b"x" * 5000, headers=h, timeout=10)
+    assert declared.status_code == 413
+    assert declared.json()["type"] == "urn:apigw:problem:body-too-large"
+
+    def chunks():
+        for _ in range(10):
+            yield b"y" * 600
+
+    streamed = requests.post(url, data=chunks(), headers=h, timeout=10)
+    assert streamed.status_code == 413
+    assert streamed.headers["content-type"] == "application/problem+json"
+
+
+def test_preserve_host_and_route_timeout(stack, live, key):
+    from gateway.models import Api, Route
+
+    def build(up):
+        api = Api.objects.create(name="Keep", slug="keep", path_prefix="/keep", upstream=up)
+        Route.objects.create(api=api, name="slow", path="/delay", read_timeout=0.3)
+        Route.objects.create(api=api, name="r", path="/", preserve_host=True)
+
+    configure(stack, live, build, probe="/keep/x")
+    h = {"X-API-Key": key, "Host": "shop.example.test"}
+    assert echo(stack.get("/keep/x", headers=h))["headers"]["host"] == "shop.example.test"
+    slow = stack.get("/keep/delay/2", headers={"X-API-Key": key})
+    assert slow.status_code == 504, slow.text
+    assert slow.json()["type"] == "urn:apigw:problem:gateway-timeout"
+
+
+def test_conflicting_content_length_and_transfer_encoding_is_400(stack, live):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /demo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 400 "), head[:200]
+    assert b"application/problem+json" in head
+
+
+def test_encoded_paths_reach_only_the_route_the_plain_path_would(stack, live, key):
+    from gateway.models import Api, Route
+
+    def build(up):
+        api = Api.objects.create(name="Adm", slug="adm", path_prefix="/adm", upstream=up)
+        Route.objects.create(api=api, name="pub", path="/public", rewrite="/pub")
+
+    configure(stack, live, build, probe="/adm/public")
+    h = {"X-API-Key": key}
+    # %2e%2e is "..": normalised before matching, so it cannot climb out of /adm/public.
+    assert stack.get("/adm/public/%2e%2e/secret", headers=h).status_code == 404
+    assert echo(stack.get("/adm/%70ublic/x", headers=h))["path"] == "/pub/x"
+    # %2F decodes to a separator before matching, as the plain path would.
+    assert echo(stack.get("/adm%2Fpublic/y", headers=h))["path"] == "/pub/y"
