@@ -77,9 +77,17 @@ test: install-dev lint
 
 bench: install-dev
 	$(PY) bench/run.py
+	@echo "=== ingest (bench/ingest.py)"
 	@echo "| database | events | batch | events/s | rollup rows | redelivered batch |"
 	@echo "| --- | ---: | ---: | ---: | ---: | --- |"
 	@env -u DATABASE_URL $(PY) bench/ingest.py
 	@if $(PY) tests/external_services.py "$(TEST_DATABASE_URL)" "$(TEST_REDIS_URL)" 2>/dev/null; then \
-	  DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) bench/ingest.py; \
-	else echo "(PostgreSQL ingest skipped: $(TEST_DATABASE_URL) unreachable)"; fi
+	  DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) bench/ingest.py && \
+	  DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) bench/ingest.py --batch 10000 && \
+	  echo && echo "=== raw -> rollups (bench/rebuild.py)" && \
+	  echo "| database | raw events | took | events/s | rollup rows |" && \
+	  echo "| --- | ---: | ---: | ---: | ---: |" && \
+	  DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) bench/rebuild.py && \
+	  echo && echo "=== dashboard queries (bench/dashboard.py)" && \
+	  DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) bench/dashboard.py; \
+	else echo "(PostgreSQL benches skipped: $(TEST_DATABASE_URL) unreachable)"; fi

@@ -11,9 +11,16 @@ from django.utils import timezone
 
 from analytics.exports import csv_response
 from analytics.models import RequestEvent, Rollup
-from analytics.selectors import RANGES, STEP, export_rows, top, usage_series
+from analytics.selectors import (
+    RANGES,
+    export_rows,
+    top,
+    top_consumers,
+    top_window,
+    usage_series,
+)
 from gateway.models import Api
-from portal.models import ApiKey
+from portal.models import ApiKey, Consumer
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -81,13 +88,13 @@ class RollupAdmin(ReadOnlyAdmin):
         granularity, points = RANGES[name]
         now = timezone.now()
         series = usage_series("api", None, granularity=granularity, points=points, now=now)
-        since = now - STEP[granularity] * points
+        top_granularity, since = top_window(name, now=now)
         apis = {a.pk: a.name for a in Api.objects.all()}
-        top_apis = top("api", granularity=granularity, since=since)
+        top_apis = top("api", granularity=top_granularity, since=since)
         for row in top_apis:
             row["name"] = apis.get(row["dim_id"], "(no route matched)")
             row["error_pct"] = round(100 * row["error_rate"], 2)
-        top_keys = top("key", granularity=granularity, since=since)
+        top_keys = top("key", granularity=top_granularity, since=since)
         keys = {
             k.pk: k
             for k in ApiKey.objects.filter(pk__in=[r["dim_id"] for r in top_keys]).select_related(
@@ -98,8 +105,14 @@ class RollupAdmin(ReadOnlyAdmin):
             key = keys.get(row["dim_id"])
             row["name"] = f"{key.prefix}… ({key.subscription.consumer})" if key else "(deleted)"
             row["error_pct"] = round(100 * row["error_rate"], 2)
-        total = series["total"]
-        server_errors = sum(series["series"]["5xx"])
+        top_owners = top_consumers(granularity=top_granularity, since=since)
+        consumers = Consumer.objects.select_related("user", "organization").in_bulk(
+            [r["consumer_id"] for r in top_owners if r["consumer_id"] is not None]
+        )
+        for row in top_owners:
+            consumer = consumers.get(row["consumer_id"])
+            row["name"] = str(consumer) if consumer else "(deleted keys)"
+            row["error_pct"] = round(100 * row["error_rate"], 2)
         context = {
             **self.admin_site.each_context(request),
             "title": "Traffic",
@@ -108,8 +121,10 @@ class RollupAdmin(ReadOnlyAdmin):
             "series": series,
             "top_apis": top_apis,
             "top_keys": top_keys,
-            "total": total,
-            "error_rate": round(100 * server_errors / total, 2) if total else 0,
+            "top_consumers": top_owners,
+            "top_since": since,
+            "total": series["total"],
+            "error_rate": round(100 * series["error_rate"], 2),
             "export_form": ExportForm(
                 initial={
                     "since": (now - timedelta(days=1)).strftime("%Y-%m-%d %H:00"),

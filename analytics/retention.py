@@ -8,7 +8,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from analytics.ingest import Event, _upsert_rollups
+from analytics.ingest import Event, _upsert_rollups, pg_rebuild_sql
 from analytics.models import RequestEvent, Rollup
 from analytics.selectors import bucket_start
 
@@ -58,6 +58,10 @@ def rollups_rebuild(*, since: datetime, until: datetime, chunk: int = 5000) -> i
     n = 0
     with transaction.atomic():
         Rollup.objects.filter(bucket__gte=start, bucket__lt=end).delete()
+        if connection.vendor == "postgresql":  # one statement, aggregated on the server
+            with connection.cursor() as cur:
+                cur.execute(pg_rebuild_sql(), [start, end])
+                return cur.fetchone()[0]
         rows = RequestEvent.objects.filter(time__gte=start, time__lt=end).order_by("id")
         last_id = 0
         while True:

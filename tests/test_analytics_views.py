@@ -52,6 +52,9 @@ def test_dashboard_shows_totals_top_apis_and_keys(admin_client, developer, catal
     assert resp.context["top_apis"][0]["error_rate"] == pytest.approx(1 / 9, abs=1e-3)
     assert resp.context["top_keys"][0]["count"] == 8
     assert issued.api_key.prefix in resp.content.decode()
+    owners = resp.context["top_consumers"]
+    assert [(r["name"], r["count"]) for r in owners] == [("dev@example.com", 8)]
+    assert "Top consumers" in resp.content.decode()
     for name in ("7d", "30d", "bogus"):
         assert (
             admin_client.get(reverse("admin:analytics_dashboard"), {"range": name}).status_code

@@ -238,3 +238,45 @@ def test_rollups_rebuild_from_raw_events_gives_the_same_numbers():
         Rollup.objects.values_list("granularity", "dimension", "dim_id", "status_class", "count")
     )
     assert after == before
+
+
+def test_rollups_written_by_ingest_equal_the_python_aggregation():
+    """PostgreSQL aggregates in SQL, SQLite and rebuilds in Python: the rows must agree,
+    latencies on bucket bounds and keys that span APIs included."""
+    from analytics.ingest import aggregate, parse_event
+
+    base = datetime(2026, 11, 30, 23, 59, 58, tzinfo=UTC).timestamp()  # across a day
+    batch = [
+        event(7, t=base + i * 0.7, ms=ms, status=status, api=api, route=route, org=org, err=err)
+        for i, (ms, status, api, route, org, err) in enumerate(
+            [
+                (1.0, 200, 2, 3, 9, ""),  # exactly on a bound: bucket h0
+                (1.001, 201, 1, 1, None, ""),
+                (5.0, 404, 1, None, 9, ""),
+                (60_000.0, 502, 2, 3, 9, "upstream_error"),
+                (61_000.0, 503, None, None, None, "no_target"),
+                (0.0, 101, 1, 1, None, ""),
+                (20.0, 302, 2, 4, 9, ""),
+            ]
+        )
+    ]
+    assert ingest_batch(batch) == len(batch)
+    expected = {
+        (g, dim, dim_id, bucket, cls): [row[0], *row[1:]]
+        for (g, dim, dim_id, bucket, cls), row in aggregate([parse_event(e) for e in batch]).items()
+    }
+    from analytics.ingest import _ADDITIVE
+
+    stored = {
+        (r.granularity, r.dimension, r.dim_id, r.bucket, r.status_class): [
+            r.api_id,
+            *(getattr(r, c) for c in _ADDITIVE),
+        ]
+        for r in Rollup.objects.all()
+    }
+    assert stored.keys() == expected.keys()
+    for k, row in expected.items():
+        assert stored[k][0] == row[0], k  # the lowest API of a key or organization
+        assert stored[k][1:6] == pytest.approx(row[1:6]), k
+        assert stored[k][6:] == row[6:], k  # the histogram
+    assert {k[3].day for k in stored if k[0] == "d"} == {30, 1}  # two UTC days
