@@ -14,10 +14,46 @@ class TargetInline(admin.TabularInline):
 
 @admin.register(Upstream)
 class UpstreamAdmin(ConfigChangeAdmin):
-    list_display = ["name", "algorithm", "target_list", "connect_timeout", "read_timeout"]
+    list_display = ["name", "scheme", "algorithm", "target_list", "health_path"]
     search_fields = ["name", "description", "targets__host"]
-    list_filter = ["algorithm"]
+    list_filter = ["algorithm", "scheme"]
     inlines = [TargetInline]
+    fieldsets = [
+        (None, {"fields": ["name", "description"]}),
+        ("Load balancing", {"fields": ["algorithm", "hash_on", "hash_header", "retry_budget"]}),
+        ("Timeouts (seconds)", {"fields": ["connect_timeout", "read_timeout"]}),
+        (
+            "TLS",
+            {
+                "fields": [
+                    "scheme",
+                    "tls_verify",
+                    "tls_ca_file",
+                    "tls_server_name",
+                    "tls_client_cert",
+                    "tls_client_key",
+                ]
+            },
+        ),
+        (
+            "Active health checks",
+            {
+                "fields": [
+                    "health_path",
+                    "health_interval",
+                    "health_timeout",
+                    "health_statuses",
+                    "healthy_threshold",
+                    "unhealthy_threshold",
+                ],
+                "description": "Each gateway worker probes every target, jittered.",
+            },
+        ),
+        (
+            "Passive checks (circuit breaker)",
+            {"fields": ["eject_after_failures", "eject_seconds"]},
+        ),
+    ]
 
     @admin.display(description="Targets")
     def target_list(self, obj: Upstream) -> str:
@@ -117,6 +153,7 @@ class RouteAdmin(ConfigChangeAdmin):
                     "connect_timeout",
                     "read_timeout",
                     "timeout",
+                    "retries",
                     "max_body_bytes",
                 ]
             },

@@ -3,7 +3,8 @@
 Like httpbin's /anything, so that a user can see what the gateway sent. Extra paths:
 `/status/<code>` answers with that status; `/delay/<s>` answers after S seconds;
 `/stream?chunks=N&interval=S` sends N chunks S seconds apart (a slow stream, to see streaming
-and disconnects); `/_stats` counts streams completed and abandoned by their client.
+and disconnects); `/_stats` counts streams completed and abandoned by their client;
+`/healthz` answers 200; `/_mode?status=503` makes every other path answer 503 (0 resets).
 Run: `uvicorn gateway.demo_upstream:app --port 9000`.
 """
 
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs
 
 MAX_ECHO_BODY = 1 << 20  # larger bodies are counted, not echoed
 STATS = {"streams_completed": 0, "streams_abandoned": 0, "stream_chunks_sent": 0}
+MODE = {"status": 0}  # /_mode: answer every request with this status (0: normally)
 
 
 async def _json(send, status: int, payload: object) -> None:
@@ -87,6 +89,18 @@ async def app(scope, receive, send) -> None:
         return
     if scope["path"] == "/_stats":
         await _json(send, 200, STATS)
+        return
+    if scope["path"] == "/_mode":  # /_mode?status=503 makes every answer a 503; 0 resets
+        params = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        status = params.get("status", ["0"])[0]
+        MODE["status"] = int(status) if status.isdigit() and 200 <= int(status) <= 599 else 0
+        await _json(send, 200, MODE)
+        return
+    if MODE["status"]:
+        await _json(send, MODE["status"], {"mode": MODE["status"]})
+        return
+    if scope["path"] == "/healthz":
+        await _json(send, 200, {"status": "ok"})
         return
     if scope["path"].startswith("/delay/"):  # like httpbin's /delay/<seconds>: a slow answer
         try:

@@ -54,16 +54,64 @@ class ConfigVersion(models.Model):
         return f"v{self.version}: {self.reason}"
 
 
+def validate_status_list(text: str) -> None:
+    """'200-399' or '200, 204, 301-302': statuses a health probe counts as healthy."""
+    try:
+        parse_status_list(text)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def parse_status_list(text: str) -> frozenset[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a status or a range like 200-399.") from None
+        if not 100 <= a <= b <= 599:
+            raise ValueError(f"{part!r}: statuses are 100-599, low to high.")
+        out.update(range(a, b + 1))
+    if not out:
+        raise ValueError("Name at least one status, e.g. 200-399.")
+    return frozenset(out)
+
+
 class Upstream(models.Model):
     """A backend service: a named pool of targets that requests are balanced over."""
 
     class Algorithm(models.TextChoices):
-        ROUND_ROBIN = "round_robin", "Round robin"
+        ROUND_ROBIN = "round_robin", "Round robin (weighted by target weight)"
+        LEAST_CONNECTIONS = "least_connections", "Least connections (per weight)"
+        CONSISTENT_HASH = "consistent_hash", "Consistent hash"
+
+    class HashOn(models.TextChoices):
+        CONSUMER = "consumer", "Consumer"
+        CLIENT_IP = "client_ip", "Client IP"
+        HEADER = "header", "A request header"
+
+    class Scheme(models.TextChoices):
+        HTTP = "http", "http"
+        HTTPS = "https", "https"
 
     name = models.SlugField(unique=True)
     description = models.CharField(max_length=200, blank=True)
     algorithm = models.CharField(
         max_length=20, choices=Algorithm.choices, default=Algorithm.ROUND_ROBIN
+    )
+    hash_on = models.CharField(
+        max_length=10,
+        choices=HashOn.choices,
+        default=HashOn.CONSUMER,
+        help_text="Consistent hash: what keeps a client on one target (falls back to the "
+        "client IP when absent).",
+    )
+    hash_header = models.CharField(
+        max_length=100, blank=True, validators=[routing.header_name_validator]
     )
     connect_timeout = models.FloatField(
         default=5.0, validators=[MinValueValidator(0.01), MaxValueValidator(600)]
@@ -71,9 +119,77 @@ class Upstream(models.Model):
     read_timeout = models.FloatField(
         default=60.0, validators=[MinValueValidator(0.01), MaxValueValidator(3600)]
     )
+    # --- TLS to the targets ---
+    scheme = models.CharField(max_length=5, choices=Scheme.choices, default=Scheme.HTTP)
+    tls_verify = models.BooleanField(
+        default=True, help_text="Verify the target's certificate (https)."
+    )
+    tls_ca_file = models.CharField(
+        max_length=500, blank=True, help_text="CA bundle (PEM path); empty: the system's."
+    )
+    tls_server_name = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="SNI and the name the certificate must carry; empty: the target host.",
+    )
+    tls_client_cert = models.CharField(
+        max_length=500, blank=True, help_text="Client certificate (PEM path), for mTLS."
+    )
+    tls_client_key = models.CharField(
+        max_length=500, blank=True, help_text="Its private key (PEM path)."
+    )
+    # --- active health checks (each gateway worker probes, jittered) ---
+    health_path = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[RegexValidator(r"^/", "Starts with '/'.")],
+        help_text="Probe this path on every target; empty: no active checks.",
+    )
+    health_interval = models.FloatField(
+        default=5.0, validators=[MinValueValidator(0.1), MaxValueValidator(3600)]
+    )
+    health_timeout = models.FloatField(
+        default=2.0, validators=[MinValueValidator(0.05), MaxValueValidator(60)]
+    )
+    health_statuses = models.CharField(
+        max_length=100, default="200-399", validators=[validate_status_list]
+    )
+    healthy_threshold = models.PositiveSmallIntegerField(
+        default=2, validators=[MinValueValidator(1)], help_text="Passing probes to come back."
+    )
+    unhealthy_threshold = models.PositiveSmallIntegerField(
+        default=3, validators=[MinValueValidator(1)], help_text="Failing probes to go down."
+    )
+    # --- passive checks: a circuit breaker per target ---
+    eject_after_failures = models.PositiveSmallIntegerField(
+        default=5,
+        help_text="Consecutive failures (refused, timed out, 502/503/504) that eject a "
+        "target; 0: never.",
+    )
+    eject_seconds = models.FloatField(
+        default=10.0,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
+        help_text="Cool-down before one trial request (half-open).",
+    )
+    retry_budget = models.FloatField(
+        default=0.2,
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text="Retries in flight may be at most this share of requests in flight "
+        "(at least 3), so retries cannot multiply an outage.",
+    )
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        if (
+            self.algorithm == "consistent_hash"
+            and self.hash_on == "header"
+            and not self.hash_header
+        ):
+            raise ValidationError({"hash_header": "Name the header to hash on."})
+        if bool(self.tls_client_cert) != bool(self.tls_client_key):
+            raise ValidationError({"tls_client_key": "A client certificate needs its key."})
 
 
 class Target(models.Model):
@@ -287,6 +403,13 @@ class Route(models.Model):
         blank=True,
         validators=[MinValueValidator(0.01), MaxValueValidator(86400)],
         help_text="Seconds for the whole exchange; empty: no total limit.",
+    )
+    retries = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MaxValueValidator(10)],
+        help_text="Tries on another target after a connection failure, and for idempotent "
+        "methods after 502/503/504 or a timeout. A request whose body was streamed is not "
+        "retried.",
     )
     max_body_bytes = models.PositiveBigIntegerField(
         null=True,

@@ -182,11 +182,14 @@ def test_unreachable_upstream_is_502(stack, live, dev):
     from django.db import transaction
 
     from gateway.config import config_bump
-    from gateway.models import Target
+    from gateway.models import Target, Upstream
     from tests.procs import free_port
 
     with transaction.atomic():
         Target.objects.filter(upstream=live.upstream).update(port=free_port())
+        # Never eject: the probes of wait_for_key would open the circuit (503, tested in
+        # test_gateway_balancing_e2e.py).
+        Upstream.objects.filter(pk=live.upstream.pk).update(eject_after_failures=0)
         config_bump(reason="point at a closed port")
     issued = active_key(dev, live.free)
     wait_for_key(stack, issued.key)

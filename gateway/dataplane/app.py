@@ -22,6 +22,7 @@ from random import getrandbits  # reseeded in each forked worker by CPython
 import aiohttp
 
 from gateway.dataplane import metrics
+from gateway.dataplane.balancer import HealthChecker, TargetRegistry
 from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redis_client
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
@@ -99,6 +100,8 @@ class GatewayApp:
         self.metrics_stage = MetricsStage()
         self._ops_port = -1
         self._trusted_proxies: tuple = ()
+        self.targets = TargetRegistry()  # per-worker target state, kept across snapshots
+        self.health = HealthChecker(self._get_session)
         self._trust_cache: dict[str, bool] = {}
 
     # --- ASGI entry ---------------------------------------------------------------------
@@ -174,6 +177,7 @@ class GatewayApp:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.stop()
         if self.shipper:
             await self.shipper.drain()
         if isinstance(self.limiter, MemoryLimiter):
@@ -211,11 +215,13 @@ class GatewayApp:
                 self._compile_route,
                 epoch=epoch,
                 default_max_body=self.settings.max_body_bytes,
+                targets=self.targets,
             )
         except Exception:
             metrics.SNAPSHOT_FAILURES.inc()
             raise
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
+        self.health.sync(snapshot.upstreams)
         log.info(
             "config v%s: %d routes, %d keys, built in %.1f ms",
             version,

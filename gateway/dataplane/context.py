@@ -54,6 +54,8 @@ class RequestContext:
     credential: str = ""  # where the key came from: "header" or "bearer"
     body_done: bool = False  # the whole request body has been received
     body_too_large: bool = False  # the body passed the route's limit while streaming
+    body_streamed: bool = False  # part of a streamed body went upstream: no retry
+    retries: int = 0
     client_gone: bool = False  # the client disconnected before the response was complete
     task: Any = None  # the asyncio task serving this request
 

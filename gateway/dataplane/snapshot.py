@@ -6,9 +6,9 @@ replacing one attribute when the config version moves. Requests never query the 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from gateway import routing
+from gateway.dataplane.balancer import Balancer, HealthConfig, TargetRegistry, TargetState
 from gateway.dataplane.router import Router
 
 if TYPE_CHECKING:
@@ -25,35 +26,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.snapshot")
 
 
-@dataclass(frozen=True, slots=True)
-class TargetEntry:
-    host: str
-    port: int
-    base_url: str  # "http://host:port"
-
-
 @dataclass(slots=True)
 class UpstreamEntry:
     id: int
     name: str
-    targets: tuple[TargetEntry, ...]
+    targets: tuple[TargetState, ...]
     connect_timeout: float
     read_timeout: float
-    _cycle: itertools.cycle | None = None
     timeout: aiohttp.ClientTimeout | None = None
+    balancer: Balancer | None = None
+    health: HealthConfig | None = None  # active checks; None: off
+    ssl: ssl.SSLContext | bool | None = None  # aiohttp's ssl= (None: plain http default)
+    ssl_key: tuple = ()
+    server_hostname: str | None = None  # SNI / certificate name when not the target host
 
     def __post_init__(self) -> None:
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
         )
-
-    def pick(self) -> TargetEntry | None:
-        """Next target in round-robin order (state is per worker)."""
-        if not self.targets:
-            return None
-        if self._cycle is None:
-            self._cycle = itertools.cycle(self.targets)
-        return next(self._cycle)
+        if self.balancer is None:
+            self.balancer = Balancer(self.targets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +125,7 @@ class RouteEntry:
     preserve_host: bool = False
     timeout: aiohttp.ClientTimeout | None = None  # None: the upstream's
     max_body: int = 0  # bytes; 0: no limit
+    retries: int = 1  # further tries on another target (balancer.py says which are safe)
     version: str = ""
     # Added to every answer of this route (Deprecation, Sunset, Link of a deprecated version).
     extra_headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -151,6 +144,7 @@ class Snapshot:
     build_seconds: float
     router: Router
     keys: dict[str, KeyEntry]
+    upstreams: tuple[UpstreamEntry, ...] = ()
 
 
 def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
@@ -294,6 +288,7 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
                 preserve_host=route.preserve_host,
                 timeout=timeout,
                 max_body=max_body,
+                retries=route.retries,
                 version=version.name if version else "",
                 extra_headers=_version_headers(version),
             )
@@ -309,6 +304,7 @@ def compile_snapshot(
     *,
     epoch: str = "",
     default_max_body: int = 0,
+    targets: TargetRegistry | None = None,
 ) -> Snapshot:
     """Turn model rows into the immutable snapshot; `compile_route` builds a route's stages.
 
@@ -317,21 +313,12 @@ def compile_snapshot(
     """
     started = time.perf_counter()
     upstreams: dict[int, UpstreamEntry] = {}
+    registry = targets or TargetRegistry()
+    registry.begin_build()
 
     def upstream_entry(up) -> UpstreamEntry:
         if up.pk not in upstreams:
-            targets = tuple(
-                TargetEntry(t.host, t.port, f"http://{t.host}:{t.port}")
-                for t in up.targets.all()
-                if t.enabled
-            )
-            upstreams[up.pk] = UpstreamEntry(
-                id=up.pk,
-                name=up.name,
-                targets=targets,
-                connect_timeout=up.connect_timeout,
-                read_timeout=up.read_timeout,
-            )
+            upstreams[up.pk] = compile_upstream(up, registry)
         return upstreams[up.pk]
 
     routes: list[RouteEntry] = []
@@ -344,11 +331,60 @@ def compile_snapshot(
             ):
                 compile_route(entry, keys)
                 routes.append(entry)
+    router = Router(routes)
+    registry.end_build()
     return Snapshot(
         version=version,
         epoch=epoch,
         built_at=time.time(),
         build_seconds=time.perf_counter() - started,
-        router=Router(routes),
+        router=router,
         keys=keys,
+        upstreams=tuple(upstreams.values()),
+    )
+
+
+def compile_upstream(up, registry: TargetRegistry) -> UpstreamEntry:
+    """An upstream's entry: its targets' (surviving) states, balancer, health, TLS."""
+    from gateway.models import parse_status_list
+
+    targets = tuple(
+        registry.target(up.pk, up.scheme, t.host, t.port, t.weight)
+        for t in up.targets.all()
+        if t.enabled
+    )
+    health = None
+    if up.health_path:
+        health = HealthConfig(
+            path=up.health_path,
+            interval=up.health_interval,
+            timeout=up.health_timeout,
+            statuses=parse_status_list(up.health_statuses),
+            healthy_threshold=up.healthy_threshold,
+            unhealthy_threshold=up.unhealthy_threshold,
+        )
+    tls = None
+    ssl_key: tuple = ()
+    if up.scheme == "https":
+        ssl_key = (up.tls_verify, up.tls_ca_file, up.tls_client_cert, up.tls_client_key)
+        tls = registry.ssl(ssl_key)
+    return UpstreamEntry(
+        id=up.pk,
+        name=up.name,
+        targets=targets,
+        connect_timeout=up.connect_timeout,
+        read_timeout=up.read_timeout,
+        balancer=Balancer(
+            targets,
+            algorithm=up.algorithm,
+            hash_on=up.hash_on,
+            hash_header=up.hash_header,
+            eject_after=up.eject_after_failures,
+            eject_seconds=up.eject_seconds,
+            retry_budget=up.retry_budget,
+        ),
+        health=health,
+        ssl=tls,
+        ssl_key=ssl_key,
+        server_hostname=up.tls_server_name or None,
     )

@@ -18,6 +18,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.dataplane.balancer import IDEMPOTENT, RETRY_STATUSES, TargetState
 from gateway.dataplane.context import ClientDisconnected, LocalResponse, RequestContext
 from gateway.dataplane.problems import problem
 
@@ -183,6 +184,7 @@ class ProxyHandler:
             return chunk or None
 
         async def stream():
+            ctx.body_streamed = True  # from here on the request cannot be sent again
             if chunk:
                 yield chunk
             while True:
@@ -224,41 +226,102 @@ class ProxyHandler:
     async def handle(self, ctx: RequestContext) -> LocalResponse | None:
         route = ctx.route
         assert route is not None
-        target = route.upstream.pick()
-        if target is None:
-            ctx.error_kind = "no_target"
-            return problem(
-                "no-healthy-target",
-                f"Upstream '{route.upstream.name}' has no enabled target.",
-                request_id=ctx.request_id,
-            )
-        url = target.base_url + self._upstream_path(ctx)
-        timeout = route.timeout or route.upstream.timeout
+        upstream = route.upstream
+        balancer = upstream.balancer
+        path = self._upstream_path(ctx)
         query = ctx.scope.get("query_string", b"")
         if query:
-            url += "?" + query.decode("latin-1")
+            path += "?" + query.decode("latin-1")
         headers = self._upstream_headers(ctx)
-        send = ctx.send
-        watcher: asyncio.Task | None = None
+        timeout = route.timeout or upstream.timeout
         try:
             data = await self._body(ctx)
+        except BodyTooLarge:
+            ctx.error_kind = "body_too_large"
+            return body_too_large(ctx)
+        idempotent = ctx.method in IDEMPOTENT
+        tries_left = route.retries
+        tried: list[TargetState] = []
+        balancer.in_flight += 1
+        retrying = False
+        try:
+            while True:
+                target = balancer.pick(ctx, tried)
+                if target is None:
+                    ctx.error_kind = "no_target"
+                    return problem(
+                        "no-healthy-target",
+                        f"Upstream '{upstream.name}' has no healthy target.",
+                        request_id=ctx.request_id,
+                    )
+                tried.append(target)
+                # Retry only what is safe to send again: nothing of a streamed body has gone
+                # (it cannot be replayed), and past the connection only idempotent methods.
+                # A retry goes to another target, as nginx's proxy_next_upstream does.
+                can_retry = (
+                    tries_left > 0
+                    and not ctx.body_streamed
+                    and balancer.may_retry()
+                    and balancer.has_untried(tried)
+                )
+                outcome = await self._exchange(
+                    ctx, target, path, headers, data, timeout, last=not (can_retry and idempotent)
+                )
+                if outcome is None:
+                    return None  # answered (or the client left)
+                failure, retry_any_method = outcome
+                if not can_retry or not (retry_any_method or idempotent) or ctx.body_streamed:
+                    return failure
+                tries_left -= 1
+                ctx.retries += 1
+                if not retrying:
+                    retrying = True
+                    balancer.retries_in_flight += 1
+        finally:
+            balancer.in_flight -= 1
+            if retrying:
+                balancer.retries_in_flight -= 1
+
+    async def _exchange(
+        self, ctx: RequestContext, target: TargetState, path, headers, data, timeout, *, last
+    ) -> tuple[LocalResponse, bool] | None:
+        """One try against one target. None when the client got an answer (or left); else
+        (the problem to answer with, whether even a non-idempotent request may be retried)."""
+        upstream = ctx.route.upstream
+        balancer = upstream.balancer
+        send = ctx.send
+        watcher: asyncio.Task | None = None
+        verdict = None  # True: success, False: failure, None: no verdict (client left)
+        ctx.error_kind = ""
+        target.active += 1
+        try:
             sent = time.perf_counter()
             async with self._session().request(
                 ctx.method,
-                URL(url, encoded=True),
+                URL(target.base_url + path, encoded=True),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
                 timeout=timeout,
+                ssl=upstream.ssl if upstream.ssl is not None else True,
+                server_hostname=upstream.server_hostname,
             ) as resp:
                 ctx.upstream_latency = time.perf_counter() - sent
+                status = resp.status
+                if status in RETRY_STATUSES:
+                    verdict = False
+                    if not last:
+                        # Another try will answer: this one is dropped, unread.
+                        return _upstream_status_problem(ctx, status), False
+                else:
+                    verdict = True
                 out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_RETURNED]
                 out.append((b"x-request-id", ctx.request_id.encode()))
                 out.append(_VIA_RESPONSE)
                 out.extend(ctx.response_headers)
-                ctx.status = resp.status
+                ctx.status = status
                 ctx.response_started = True
-                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                await send({"type": "http.response.start", "status": status, "headers": out})
                 content = resp.content
                 async for chunk in content.iter_any():
                     ctx.bytes_out += len(chunk)
@@ -271,35 +334,70 @@ class ProxyHandler:
                 if watcher is not None:
                     watcher.cancel()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return None
+        except asyncio.CancelledError:
+            verdict = None
+            raise
         except Exception as exc:
             if ctx.client_gone:
+                verdict = None
                 return None  # nobody to answer; logged as 499
             if isinstance(exc, BodyTooLarge) or ctx.body_too_large:
+                verdict = None
                 ctx.error_kind = "body_too_large"
-                return body_too_large(ctx)
+                return body_too_large(ctx), False
+            verdict = False
             if ctx.response_started:
                 ctx.error_kind = "upstream_aborted"
                 raise
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                ctx.error_kind = "upstream_timeout"
+                return _timeout_problem(ctx), True  # nothing was sent
             if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
                 ctx.error_kind = "upstream_timeout"
-                return problem(
-                    "gateway-timeout",
-                    f"Upstream '{route.upstream.name}' did not answer in time.",
-                    request_id=ctx.request_id,
-                )
+                return _timeout_problem(ctx), False
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                ctx.error_kind = "upstream_error"
+                return _unreachable_problem(ctx, exc), True  # refused: nothing was sent
             if isinstance(exc, aiohttp.ClientError):
                 ctx.error_kind = "upstream_error"
-                return problem(
-                    "bad-gateway",
-                    f"Upstream '{route.upstream.name}' could not be reached "
-                    f"({type(exc).__name__}).",
-                    request_id=ctx.request_id,
-                )
+                return _unreachable_problem(ctx, exc), False
             raise
         finally:
+            target.active -= 1
             if watcher is not None and not watcher.done():
                 watcher.cancel()
-        return None
+            if verdict is True:
+                balancer.succeeded(target)
+            elif verdict is False:
+                balancer.failed(target)
+            else:
+                balancer.abandoned(target)
+
+
+def _timeout_problem(ctx: RequestContext) -> LocalResponse:
+    return problem(
+        "gateway-timeout",
+        f"Upstream '{ctx.route.upstream.name}' did not answer in time.",
+        request_id=ctx.request_id,
+    )
+
+
+def _unreachable_problem(ctx: RequestContext, exc: Exception) -> LocalResponse:
+    return problem(
+        "bad-gateway",
+        f"Upstream '{ctx.route.upstream.name}' could not be reached ({type(exc).__name__}).",
+        request_id=ctx.request_id,
+    )
+
+
+def _upstream_status_problem(ctx: RequestContext, status: int) -> LocalResponse:
+    """Stands for a 502/503/504 answer that a retry replaces (never sent to the client)."""
+    return problem(
+        "bad-gateway",
+        f"Upstream '{ctx.route.upstream.name}' answered {status}.",
+        request_id=ctx.request_id,
+    )
 
 
 def body_too_large(ctx: RequestContext) -> LocalResponse:
