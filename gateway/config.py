@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from django.db import transaction
 from django.db.models import F
@@ -10,11 +11,13 @@ from django.db.models import F
 from gateway.models import ConfigState, ConfigVersion
 
 
-def config_bump(*, actor=None, reason: str) -> int:
+def config_bump(*, actor=None, reason: str, key_ids: Iterable[str] | None = None) -> int:
     """Record a new config version inside the caller's transaction; return its number.
 
     Gateway workers poll the latest version and rebuild their snapshot when it moves, so the
     change becomes visible exactly when (and only if) the caller's transaction commits.
+    `key_ids`: the change touched only these API keys (a delta the gateways apply without a
+    rebuild); None: anything else.
     """
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("config_bump() must run inside the transaction that made the change")
@@ -25,7 +28,12 @@ def config_bump(*, actor=None, reason: str) -> int:
     version = ConfigState.objects.values_list("version", flat=True).get(pk=1)
     if actor is not None and not getattr(actor, "is_authenticated", False):
         actor = None
-    ConfigVersion.objects.create(version=version, actor=actor, reason=reason[:200])
+    ConfigVersion.objects.create(
+        version=version,
+        actor=actor,
+        reason=reason[:200],
+        key_ids=sorted(set(key_ids)) if key_ids is not None else None,
+    )
     transaction.on_commit(lambda: _publish(version))
     return version
 
@@ -60,3 +68,16 @@ def config_current_stamp() -> tuple[str, int]:
     """(epoch, version): what a gateway compares to know whether its snapshot is current."""
     row = ConfigState.objects.filter(pk=1).values_list("epoch", "version").first()
     return (str(row[0]), row[1]) if row else ("", 0)
+
+
+def config_key_changes(since: int, until: int) -> set[str] | None:
+    """Key ids changed by versions since < v <= until; None if any of them was structural
+    (or history is missing), so that the gateway must rebuild."""
+    rows = list(
+        ConfigVersion.objects.filter(version__gt=since, version__lte=until).values_list(
+            "key_ids", flat=True
+        )
+    )
+    if len(rows) != until - since or any(r is None for r in rows):
+        return None
+    return {k for r in rows for k in r}

@@ -4,7 +4,8 @@ Like httpbin's /anything, so that a user can see what the gateway sent. Extra pa
 `/status/<code>` answers with that status; `/delay/<s>` answers after S seconds;
 `/stream?chunks=N&interval=S` sends N chunks S seconds apart (a slow stream, to see streaming
 and disconnects); `/_stats` counts streams completed and abandoned by their client;
-`/healthz` answers 200; `/_mode?status=503` makes every other path answer 503 (0 resets).
+`/healthz` answers 200; `/_mode?status=503` makes every other path answer 503 (0 resets);
+`/bytes/<n>` streams n bytes; `/hold` sends one chunk, then the rest after `/_release`.
 Run: `uvicorn gateway.demo_upstream:app --port 9000`.
 """
 
@@ -73,6 +74,45 @@ async def _stream(scope, receive, send) -> None:
         watcher.cancel()
 
 
+async def _bytes(send, size: str) -> None:
+    n = min(int(size), 1 << 34) if size.isdigit() else 0
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/octet-stream"),
+                (b"content-length", str(n).encode()),
+            ],
+        }
+    )
+    chunk = b"\xab" * 65536
+    while n > 0:
+        part = chunk if n >= len(chunk) else chunk[:n]
+        n -= len(part)
+        await send({"type": "http.response.body", "body": part, "more_body": n > 0})
+    if not size.isdigit() or int(size) == 0:
+        await send({"type": "http.response.body", "body": b""})
+
+
+RELEASE = asyncio.Event()
+
+
+async def _hold(send) -> None:
+    RELEASE.clear()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(RELEASE.wait(), 30)
+    await send({"type": "http.response.body", "body": b"rest\n"})
+
+
 async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -89,6 +129,16 @@ async def app(scope, receive, send) -> None:
         return
     if scope["path"] == "/_stats":
         await _json(send, 200, STATS)
+        return
+    if scope["path"].startswith("/bytes/"):  # /bytes/<n>: n bytes, streamed in 64 KiB chunks
+        await _bytes(send, scope["path"][7:])
+        return
+    if scope["path"] == "/hold":  # one chunk now, the rest after a GET of /_release
+        await _hold(send)
+        return
+    if scope["path"] == "/_release":
+        RELEASE.set()
+        await _json(send, 200, {"released": True})
         return
     if scope["path"] == "/_mode":  # /_mode?status=503 makes every answer a 503; 0 resets
         params = parse_qs(scope.get("query_string", b"").decode("latin-1"))

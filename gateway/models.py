@@ -46,6 +46,10 @@ class ConfigVersion(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     reason = models.CharField(max_length=200)
+    # A change of API keys only (issue, revoke, rotate, delete, a subscription decided): the
+    # key ids it touched, which gateways reload as a delta. Null: a structural change
+    # (APIs, routes, upstreams, plans, …) that rebuilds the whole snapshot.
+    key_ids = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

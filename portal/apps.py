@@ -21,4 +21,4 @@ def _key_deleted(sender, instance, **kwargs) -> None:
     from gateway.config import config_bump
 
     with transaction.atomic():
-        config_bump(reason=f"key {instance.prefix} deleted")
+        config_bump(reason=f"key {instance.prefix} deleted", key_ids=[instance.key_id])

@@ -69,7 +69,7 @@ def key_issue(
                     expires_at=expires_at,
                 )
                 audit_record(actor=actor, action="key_issue", target=api_key)
-                config_bump(actor=actor, reason=f"key {api_key.prefix} issued")
+                config_bump(actor=actor, reason=f"key {api_key.prefix} issued", key_ids=[key_id])
         except IntegrityError:
             continue  # key_id collision (48 bits): draw again
         return IssuedKey(api_key=api_key, key=raw)
@@ -105,7 +105,11 @@ def key_rotate(
             replacement=issued.api_key.prefix,
             old_key_expires=old.expires_at.isoformat(),
         )
-        config_bump(actor=actor, reason=f"key {old.prefix} rotated to {issued.api_key.prefix}")
+        config_bump(
+            actor=actor,
+            reason=f"key {old.prefix} rotated to {issued.api_key.prefix}",
+            key_ids=[old.key_id, issued.api_key.key_id],
+        )
     return issued
 
 
@@ -122,5 +126,5 @@ def key_revoke(api_key: ApiKey, *, actor=None) -> ApiKey:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
         audit_record(actor=actor, action="key_revoke", target=api_key)
-        config_bump(actor=actor, reason=f"key {api_key.prefix} revoked")
+        config_bump(actor=actor, reason=f"key {api_key.prefix} revoked", key_ids=[api_key.key_id])
     return api_key

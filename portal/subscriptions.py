@@ -34,7 +34,7 @@ def subscription_create(consumer: Consumer, *, plan: Plan, actor=None) -> Subscr
             decided_at=None if plan.requires_approval else timezone.now(),
         )
         audit_record(actor=actor, action="subscription_create", target=sub, status=status)
-        config_bump(actor=actor, reason=f"subscription {sub.pk} created ({status})")
+        config_bump(actor=actor, reason=f"subscription {sub.pk} created ({status})", key_ids=[])
     return sub
 
 
@@ -47,7 +47,11 @@ def _decide(sub: Subscription, *, status: str, actor, allowed_from: set[str]) ->
         sub.decided_at = timezone.now()
         sub.save(update_fields=["status", "decided_at"])
         audit_record(actor=actor, action=f"subscription_{status}", target=sub)
-        config_bump(actor=actor, reason=f"subscription {sub.pk} {status}")
+        config_bump(
+            actor=actor,
+            reason=f"subscription {sub.pk} {status}",
+            key_ids=sub.keys.values_list("key_id", flat=True),
+        )
     return sub
 
 

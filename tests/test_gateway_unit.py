@@ -73,3 +73,64 @@ def test_app_answers_503_problem_before_any_configuration(db):
     asyncio.run(app.handle_http(scope, receive, send))
     assert sent[0]["status"] == 503
     assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_key_changes_apply_as_deltas_and_structural_changes_rebuild(catalog):
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from portal.keys import key_rotate
+    from tests.conftest import make_user
+
+    user = make_user("delta@example.com")
+    first = active_key(user, catalog.free, name="first")
+    app = _app()
+
+    async def refresh() -> bool:
+        return await app.refresh_snapshot()
+
+    assert asyncio.run(refresh())
+    built = app.snapshot
+    assert set(built.keys) == {first.api_key.key_id}
+
+    second = active_key(user, catalog.free, name="second")  # subscription exists: a key delta
+    rotated = key_rotate(first.api_key)
+    key_revoke(second.api_key)
+    assert asyncio.run(refresh())
+    snap = app.snapshot
+    assert snap.router is built.router  # no rebuild: the keys changed in place
+    assert snap.version > built.version
+    assert set(snap.keys) == {first.api_key.key_id, rotated.api_key.key_id}
+    assert snap.keys[first.api_key.key_id].expires_at is not None  # the overlap window
+
+    with transaction.atomic():
+        catalog.free.rate_limit_per_minute = 7
+        catalog.free.save()
+        config_bump(reason="plan changed")  # structural
+    assert asyncio.run(refresh())
+    assert app.snapshot.router is not built.router
+    assert app.snapshot.keys[rotated.api_key.key_id].limits[0].limit == 7
+    assert not asyncio.run(refresh())  # nothing moved since
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_snapshot_that_fails_to_compile_is_refused_and_the_last_one_serves(catalog):
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from gateway.dataplane import metrics
+    from gateway.models import Route
+
+    app = _app()
+    asyncio.run(app.refresh_snapshot())
+    good = app.snapshot
+    with transaction.atomic():
+        # Saved behind the admin's back (no clean()): a regex that cannot compile.
+        Route.objects.create(api=catalog.api, name="bad", match="regex", path="/(")
+        config_bump(reason="bad route")
+    before = metrics.SNAPSHOT_FAILURES._value.get()
+    with pytest.raises(Exception, match="regular expression"):
+        asyncio.run(app.refresh_snapshot())
+    assert app.snapshot is good
+    assert metrics.SNAPSHOT_FAILURES._value.get() == before + 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ipaddress
 import json
@@ -36,6 +37,7 @@ from gateway.dataplane.snapshot import (
     Snapshot,
     compile_snapshot,
     load_config,
+    load_key_delta,
 )
 from gateway.dataplane.stages.authenticate import AuthenticateStage
 from gateway.dataplane.stages.authorize import AuthorizeStage
@@ -103,6 +105,7 @@ class GatewayApp:
         self.targets = TargetRegistry()  # per-worker target state, kept across snapshots
         self.health = HealthChecker(self._get_session)
         self._trust_cache: dict[str, bool] = {}
+        self._drops_reported = 0
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -180,6 +183,7 @@ class GatewayApp:
         await self.health.stop()
         if self.shipper:
             await self.shipper.drain()
+            self._set_gauges()  # the drain's losses reach the metric before the worker ends
         if isinstance(self.limiter, MemoryLimiter):
             await self._run_db(self._save_counters)
         if self._session:
@@ -206,6 +210,28 @@ class GatewayApp:
         current = self.snapshot
         if current is not None and (epoch, version) == (current.epoch, current.version):
             return False
+        if current is not None and epoch == current.epoch and version > current.version:
+            started = time.perf_counter()
+            delta = await self._run_db(load_key_delta, current.version, version)
+            if delta is not None:
+                changed, entries = delta
+                # Applied in place, between two requests (no await in this loop): a request
+                # sees each key before or after its change. The router stays as it is.
+                keys = current.keys
+                for key_id in changed:
+                    entry = entries.get(key_id)
+                    if entry is None:
+                        keys.pop(key_id, None)
+                    else:
+                        keys[key_id] = entry
+                self.snapshot = dataclasses.replace(current, version=version)
+                log.info(
+                    "config v%s: %d keys changed in %.1f ms (delta)",
+                    version,
+                    len(changed),
+                    (time.perf_counter() - started) * 1000,
+                )
+                return True
         try:
             apis, keys = await self._run_db(load_config, version)
             snapshot = compile_snapshot(
@@ -301,7 +327,10 @@ class GatewayApp:
         buffer = self.buffer
         if buffer is not None:
             metrics.LOG_BUFFER.set(len(buffer))
-            metrics.LOG_DROPPED.set(buffer.dropped)
+            new_drops = buffer.dropped - self._drops_reported
+            if new_drops > 0:
+                metrics.LOG_DROPPED.inc(new_drops)
+                self._drops_reported = buffer.dropped
         metrics.LIMITER_STORE_ERRORS.set(getattr(self.limiter, "store_errors", 0))
         if self.snapshot is not None:
             metrics.CONFIG_VERSION.set(self.snapshot.version)

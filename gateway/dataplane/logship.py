@@ -143,13 +143,19 @@ class LogShipper:
 
     async def run(self) -> None:
         buffer = self.buffer
+        backoff = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(buffer.batch_ready.wait(), self.interval)
             buffer.batch_ready.clear()
             while len(buffer):
                 if not await self.ship_once():
+                    # The sink is down: wait before trying again (a full buffer sets
+                    # batch_ready on every request, which would make this a busy loop).
+                    backoff = min(max(backoff * 2, 0.05), 2.0)
+                    await asyncio.sleep(backoff)
                     break
+                backoff = 0.0
 
     async def ship_once(self) -> bool:
         batch = self.buffer.take()
@@ -169,7 +175,14 @@ class LogShipper:
         return True
 
     async def drain(self) -> None:
-        """Ship everything left (at shutdown)."""
+        """Ship everything left (at shutdown); what cannot be shipped is counted as dropped."""
         for _ in range(1000):
-            if not len(self.buffer) or not await self.ship_once():
+            if not len(self.buffer):
                 return
+            if not await self.ship_once():
+                break
+        lost = len(self.buffer)
+        if lost:
+            self.buffer.dropped += lost
+            self.buffer.events.clear()
+            log.error("log shipping failed at shutdown: %d events dropped", lost)

@@ -41,10 +41,10 @@ LIMITER_STORE_ERRORS = Gauge(
 LOG_BUFFER = Gauge(
     "gateway_log_buffer_events", "Log events waiting to be shipped.", multiprocess_mode="livesum"
 )
-LOG_DROPPED = Gauge(
+LOG_DROPPED = Counter(
     "gateway_log_events_dropped",
-    "Log events dropped because the buffer was full, since the worker started.",
-    multiprocess_mode="livesum",
+    "Log events dropped: the buffer was full, or shipping failed at shutdown. A counter, so "
+    "a restarted worker's drops are not forgotten.",
 )
 CONFIG_VERSION = Gauge(
     "gateway_config_version", "Config version of the worker's snapshot.", multiprocess_mode="min"

@@ -150,7 +150,6 @@ class Snapshot:
 def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
     """Read everything the data plane needs from the database (sync; runs off the loop)."""
     from gateway.models import Api
-    from portal.models import ApiKey, Plan
 
     apis = list(
         Api.objects.select_related("upstream")
@@ -159,19 +158,28 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
         )
         .all()
     )
-    plan_apis: dict[int, frozenset[int]] = {
-        plan.pk: frozenset(a.pk for a in plan.apis.all())
-        for plan in Plan.objects.prefetch_related("apis")
-    }
-    keys: dict[str, KeyEntry] = {}
+    return apis, load_keys(None)
+
+
+def load_keys(key_ids: set[str] | None) -> dict[str, KeyEntry]:
+    """The usable keys among `key_ids` (None: all of them), as snapshot entries (sync)."""
+    from portal.models import ApiKey, Plan
+
     rows = (
         ApiKey.objects.filter(revoked_at__isnull=True)
         # A deactivated user's keys stop working with the account.
         .exclude(subscription__consumer__user__is_active=False)
         .select_related("subscription__plan", "subscription__consumer")
-        .iterator(chunk_size=2000)
     )
-    for k in rows:
+    plans = Plan.objects.prefetch_related("apis")
+    if key_ids is not None:
+        rows = rows.filter(key_id__in=key_ids)
+        plans = plans.filter(subscriptions__keys__key_id__in=key_ids).distinct()
+    plan_apis: dict[int, frozenset[int]] = {
+        plan.pk: frozenset(a.pk for a in plan.apis.all()) for plan in plans
+    }
+    keys: dict[str, KeyEntry] = {}
+    for k in rows.iterator(chunk_size=2000):
         sub = k.subscription
         plan = sub.plan
         limits: list[LimitRule] = []
@@ -197,7 +205,18 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
             api_ids=plan_apis.get(plan.pk, frozenset()),
             limits=tuple(limits),
         )
-    return apis, keys
+    return keys
+
+
+def load_key_delta(since: int, until: int) -> tuple[set[str], dict[str, KeyEntry]] | None:
+    """The keys changed between two config versions and their new entries; None when a
+    change in between was structural (the snapshot must be rebuilt)."""
+    from gateway.config import config_key_changes
+
+    changed = config_key_changes(since, until)
+    if changed is None:
+        return None
+    return changed, load_keys(changed) if changed else {}
 
 
 def _version_headers(version) -> tuple[tuple[bytes, bytes], ...]:
