@@ -171,6 +171,7 @@ def _route_form(catalog, **overrides) -> dict:
         "priority": "0",
         "strip_prefix": "on",
         "rewrite": "",
+        "retries": "1",
     }
     form.update(overrides)
     return form

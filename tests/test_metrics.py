@@ -70,11 +70,13 @@ def test_upstream_errors_are_counted(stack, live):
     from django.db import transaction
 
     from gateway.config import config_bump
-    from gateway.models import Target
+    from gateway.models import Target, Upstream
     from tests.procs import free_port
 
     with transaction.atomic():
         Target.objects.filter(upstream=live.upstream).update(port=free_port())
+        # Never eject: wait_for_key's probes would open the circuit (503 instead of 502).
+        Upstream.objects.filter(pk=live.upstream.pk).update(eject_after_failures=0)
         config_bump(reason="closed port")
     dev = make_user("errors@example.com")
     issued = active_key(dev, live.free)
