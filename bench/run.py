@@ -50,7 +50,9 @@ RESULTS = BENCH / "results"
 BIN = Path(sys.executable).parent
 PATH = "/demo/anything"
 OTHER_CPU_LIMIT = 5  # % of one core used by processes outside the bench: above it, warn
-BODY = b'{"ok":true}'
+# The upstream's answer: 1 KB of JSON, as a typical small API response.
+BODY = b'{"ok":true,"pad":"' + b"x" * (1024 - 20) + b'"}'
+assert len(BODY) == 1024
 # Variables that would move the gateway off its embedded defaults (or to another database).
 SCRUBBED_ENV = (
     "DATABASE_URL",
@@ -328,7 +330,7 @@ UPSTREAM_SERVER = """\
         listen 127.0.0.1:@PORT@;
         location / {
             default_type application/json;
-            return 200 '{"ok":true}';
+            return 200 '@BODY@';
         }
     }"""
 PROXY_SERVER = """\
@@ -347,7 +349,7 @@ PROXY_SERVER = """\
     }"""
 
 
-def nginx_conf(directory: Path, server: str, **values: int) -> Path:
+def nginx_conf(directory: Path, server: str, **values: int | str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for key, value in values.items():
         server = server.replace(f"@{key.upper()}@", str(value))
@@ -370,14 +372,22 @@ def start_nginx(
 
 
 # --- the gateway and its database -----------------------------------------------------------
+# The full pipeline checks a rate limit and a quota on every request (never reached); the
+# bare API is the same upstream behind an anonymous route: no credential, no limits.
 BENCH_PLAN = """\
 from django.db import transaction
 from gateway.config import config_bump
-from gateway.models import Api
+from gateway.models import Api, Route
 from portal.models import Plan
 with transaction.atomic():
-    plan, _ = Plan.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
-    plan.apis.add(Api.objects.get(slug="demo"))
+    plan, _ = Plan.objects.get_or_create(
+        slug="bench",
+        defaults={"name": "Bench", "rate_limit_per_minute": 10**9, "quota_limit": 2**31 - 1},
+    )
+    demo = Api.objects.get(slug="demo")
+    plan.apis.add(demo)
+    bare = Api.objects.create(name="Bare", slug="bare", path_prefix="/bare", upstream=demo.upstream)
+    Route.objects.create(api=bare, name="all", path="/", anonymous=True)
     config_bump(reason="bench")
 """
 
@@ -502,7 +512,7 @@ class Runner:
         out, usage = self._run_client("wrk", cmd, target, timeout=duration + 30)
         result = parse_wrk(out, target.name, rnd)
         result.usage = usage
-        if target.name == "gateway":
+        if target.name.startswith("gateway"):
             self.sent_to_gateway += result.requests
         return result
 
@@ -554,7 +564,7 @@ class Runner:
             res["tool"] = "openloop.py"
         res["target"] = target.name
         res["usage"] = usage.__dict__
-        if target.name == "gateway":
+        if target.name.startswith("gateway"):
             self.sent_to_gateway += res["completed"] + min(50, res["sent"])  # + its warm-up
         return res
 
@@ -781,8 +791,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2, help="seconds of wrk per target, unused")
     p.add_argument(
         "--rates",
-        default="500,1500",
-        help="fixed request rates for the added-latency runs, comma separated ('' to skip)",
+        default="500,half",
+        help="fixed request rates for the added-latency runs, comma separated; 'half' is "
+        "half the gateway's measured maximum ('' to skip)",
     )
     p.add_argument("--fixed-duration", type=float, default=10, help="seconds per fixed-rate run")
     p.add_argument(
@@ -802,7 +813,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.connections <= 10_000:
         p.error("--connections must be 1..10000")
     try:
-        args.rate_list = [float(r) for r in args.rates.split(",") if r.strip()]
+        items = [r.strip() for r in args.rates.split(",") if r.strip()]
+        args.half = "half" in items
+        args.rate_list = [float(r) for r in items if r != "half"]
     except ValueError:
         p.error("--rates: numbers separated by commas")
     if any(not 1 <= r <= 3000 for r in args.rate_list):
@@ -857,7 +870,7 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
 
     log("upstream nginx")
     up_dir = tmp / "upstream"
-    conf = nginx_conf(up_dir, UPSTREAM_SERVER, port=upstream_port)
+    conf = nginx_conf(up_dir, UPSTREAM_SERVER, port=upstream_port, body=BODY.decode())
     upstream = start_nginx(procs, tools, "upstream", up_dir, conf, load_core)
     log("nginx proxy_pass")
     px_dir = tmp / "proxy"
@@ -897,11 +910,19 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
         Target("direct", base.format(upstream_port), [], upstream, "the upstream nginx"),
         Target("nginx", base.format(proxy_port), [], proxy, "nginx proxy_pass, keep-alive 64"),
         Target(
+            "gateway-bare",
+            f"http://127.0.0.1:{gateway_port}/bare/anything",
+            [],
+            gateway,
+            "the gateway as a bare proxy (an anonymous route: routing, proxy, log, metrics)",
+        ),
+        Target(
             "gateway",
             base.format(gateway_port),
             [f"X-API-Key: {key}"],
             gateway,
-            "the gateway with an API key",
+            "the gateway's full pipeline: API key, rate limit and quota checked, proxy, log, "
+            "metrics",
         ),
     ]
     servers = {upstream.pid, proxy.pid, gateway.pid}
@@ -925,7 +946,14 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
             )
 
     fixed: list[dict] = []
-    for rate in args.rate_list:
+    rates = list(args.rate_list)
+    if args.half:
+        # Added latency at half the full pipeline's saturation rate (capped: the Python
+        # open-loop client cannot hold more than about 3,000 rps).
+        gw = [r.rps for r in runs if r.target == "gateway"]
+        if gw:
+            rates.append(min(3000.0, round(median(gw) / 2, -1)))
+    for rate in rates:
         for t in targets:
             f = runner.fixed_rate(t, rate, args.fixed_duration)
             fixed.append(f)

@@ -207,6 +207,8 @@ GATEWAY = {
     # Request head limits (431 / 414 beyond them, before anything is buffered further).
     "MAX_HEADER_BYTES": env_int("GATEWAY_MAX_HEADER_BYTES", 32 * 1024, minimum=1024),
     "MAX_URL_BYTES": env_int("GATEWAY_MAX_URL_BYTES", 8 * 1024, minimum=256),
+    # Seconds a client has to send a whole request head (408 after it; slowloris).
+    "HEADER_TIMEOUT": env_float("GATEWAY_HEADER_TIMEOUT", 10.0, minimum=0.1),
     # Largest request body a route accepts unless it sets its own (413 beyond; 0: no limit).
     "MAX_BODY_BYTES": env_int("GATEWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=0),
     # Peers whose X-Forwarded-For/-Proto/-Host and Forwarded headers are believed (CIDRs,

@@ -109,7 +109,18 @@ class ApiAdmin(ConfigChangeAdmin):
                 "description": "A request without a version gets the default version.",
             },
         ),
-        ("Credentials and limits", {"fields": ["key_header", "limiter_failure"]}),
+        (
+            "Credentials and limits",
+            {
+                "fields": [
+                    "key_header",
+                    "key_query_param",
+                    "forward_credential",
+                    "limiter_failure",
+                ]
+            },
+        ),
+        ("Client addresses", {"fields": ["ip_allow", "ip_deny"]}),
     ]
     inlines = [ApiVersionInline, RouteInline]
 
@@ -136,7 +147,16 @@ class RouteAdmin(ConfigChangeAdmin):
         (
             "Matching",
             {
-                "fields": ["match", "path", "methods", "hosts", "headers", "version", "priority"],
+                "fields": [
+                    "match",
+                    "path",
+                    "methods",
+                    "hosts",
+                    "headers",
+                    "version",
+                    "priority",
+                    "anonymous",
+                ],
                 "description": "Most specific first: host, then path (exact, regex, deepest "
                 "prefix; literal segments before {params}), then conditions and methods, "
                 "then priority.",

@@ -259,6 +259,27 @@ class Api(models.Model):
     key_header = models.CharField(
         max_length=100, default="X-API-Key", help_text="Header that carries the API key."
     )
+    key_query_param = models.CharField(
+        max_length=100,
+        blank=True,
+        help_text="Also accept the key in this query parameter (e.g. api_key). Empty: never "
+        "(a key in a URL ends up in logs and browser history).",
+    )
+    forward_credential = models.BooleanField(
+        default=False,
+        help_text="Pass the key on to the upstream; by default it is removed before proxying.",
+    )
+    ip_allow = models.TextField(
+        blank=True,
+        validators=[routing.validate_networks],
+        help_text="Only these client networks may call (CIDRs, comma or line separated, "
+        "e.g. 10.0.0.0/8). Empty: every address.",
+    )
+    ip_deny = models.TextField(
+        blank=True,
+        validators=[routing.validate_networks],
+        help_text="These client networks may not call, even when allowed above.",
+    )
 
     class LimiterFailure(models.TextChoices):
         OPEN = "open", "Let requests through (counted in metrics)"
@@ -375,6 +396,11 @@ class Route(models.Model):
     )
     priority = models.IntegerField(
         default=0, help_text="Higher first, between routes that are equally specific."
+    )
+    anonymous = models.BooleanField(
+        default=False,
+        help_text="Public: no credential is asked for and no per-key limit applies. Every "
+        "other route requires a key.",
     )
     strip_prefix = models.BooleanField(
         default=True,

@@ -52,6 +52,24 @@ def validate_hosts(text: str) -> None:
             )
 
 
+def parse_networks(text: str) -> tuple:
+    """CIDRs separated by commas, spaces or lines, as ip_network objects."""
+    import ipaddress
+
+    return tuple(
+        ipaddress.ip_network(part, strict=False)
+        for part in re.split(r"[\s,]+", text.strip())
+        if part
+    )
+
+
+def validate_networks(text: str) -> None:
+    try:
+        parse_networks(text)
+    except ValueError as exc:
+        raise ValidationError(f"Not an IP network: {exc}.") from None
+
+
 def validate_methods(text: str) -> None:
     for m in text.split(","):
         if m.strip() and not _METHODS.match(m.strip()):

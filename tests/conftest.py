@@ -178,6 +178,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         GATEWAY_OPS_BIND=f"127.0.0.1:{ops_port}",
         GATEWAY_WORKERS="2" if settings.REDIS_URL else "1",
         GATEWAY_LOG_FLUSH_INTERVAL="0.2",
+        GATEWAY_HEADER_TIMEOUT="2",  # short, so that the slowloris test is quick
     )
     procs: dict[str, Proc] = {}
     try:

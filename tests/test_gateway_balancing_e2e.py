@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -185,6 +186,51 @@ def test_idempotent_requests_are_retried_on_503_and_posts_are_not(stack, live, k
     assert all(r == (200, a) for r in gets), gets
     posts = [hit(stack, key, method="POST")[0] for _ in range(10)]
     assert 503 in posts and 200 in posts, posts  # the 503 passes through untouched
+
+
+def test_an_upstream_503_to_a_streamed_body_passes_through_untouched(stack, live, key, reset_pool):
+    a, b, _ = reset_pool
+    serve(stack, live, [a, b], eject_after_failures=0, route={"retries": 1})
+    for port in (a, b):
+        requests.get(f"http://127.0.0.1:{port}/_mode?status=503", timeout=5)
+
+    def body():
+        for _ in range(4):
+            yield b"x" * 65536
+
+    resp = requests.put(
+        stack.gateway_url + "/lb/up", data=body(), headers={"X-API-Key": key}, timeout=10
+    )
+    assert resp.status_code == 503
+    assert resp.headers["content-type"] == "application/json"  # the upstream's, not ours
+    assert resp.json() == {"mode": 503}
+
+
+def test_a_long_trial_answer_does_not_hold_the_circuit_half_open(stack, live, key, reset_pool):
+    a = reset_pool[0]
+    serve(stack, live, [a], eject_after_failures=1, eject_seconds=2, route={"retries": 0})
+    requests.get(f"http://127.0.0.1:{a}/_mode?status=503", timeout=5)
+
+    def refused() -> bool:
+        resp = stack.get("/lb/x", headers={"X-API-Key": key})
+        return resp.headers["content-type"] == "application/problem+json"
+
+    wait_until(lambda: all(refused() for _ in range(4)), timeout=10, what="the circuits to open")
+    requests.get(f"http://127.0.0.1:{a}/_mode?status=0", timeout=5)
+    time.sleep(2.1)  # the cool-down: the next request is the trial
+    with requests.get(
+        stack.gateway_url + "/lb/hold", headers={"X-API-Key": key}, stream=True, timeout=10
+    ) as trial:
+        lines = trial.iter_lines()
+        assert next(lines) == b"first"
+        # The trial's head was good: the circuit is closed while its body still streams.
+        wait_until(
+            lambda: stack.get("/lb/x", headers={"X-API-Key": key}).status_code == 200,
+            timeout=5,
+            what="requests beside a long trial to be served",
+        )
+        requests.get(f"http://127.0.0.1:{a}/_release", timeout=5)
+        assert next(lines) == b"rest"
 
 
 def test_no_enabled_target_is_503(stack, live, key):

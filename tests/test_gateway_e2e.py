@@ -317,6 +317,33 @@ def test_oversized_request_heads_are_refused_as_problems(stack, live):
     assert stack.get("/demo/x").status_code == 401  # the worker is fine
 
 
+def test_a_head_that_does_not_arrive_in_time_is_408_and_a_silent_connection_is_closed(stack, live):
+    import socket
+
+    # GATEWAY_HEADER_TIMEOUT is 2 s in the test stack; 5 s of margin for a loaded machine.
+    slow = socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=7)
+    silent = socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=7)
+    started = time.monotonic()
+    slow.sendall(b"GET /demo/x HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
+    for _ in range(3):  # a byte now and then: slowloris keeps the head open
+        time.sleep(0.3)
+        slow.sendall(b"a")
+    answer = slow.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"urn:apigw:problem:request-timeout" in answer
+    assert silent.recv(65536) == b""  # closed without a word
+    assert time.monotonic() - started >= 1.5  # not before the timeout
+    slow.close()
+    silent.close()
+    # A client that sends its head at once is unaffected, also on a kept-alive connection.
+    with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=7) as sock:
+        sock.sendall(b"GET /demo/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        time.sleep(2.5)  # idle between requests for longer than the head timeout
+        sock.sendall(b"GET /demo/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+
+
 def test_streamed_response_arrives_in_pieces_and_a_leaving_client_stops_the_upstream(
     stack, live, dev
 ):

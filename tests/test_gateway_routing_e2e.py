@@ -151,6 +151,9 @@ def test_path_versions_with_a_default_and_deprecation_headers(stack, live, key):
     assert "deprecation" not in v2.headers and "sunset" not in v2.headers
     assert echo(stack.get("/orders/v2/new", headers=h))["path"] == "/v2new"
     assert echo(stack.get("/orders/v1/new", headers=h))["path"] == "/new"  # v2 only
+    # An unknown version is a 404, not a path of the default version.
+    assert stack.get("/orders/v9/items", headers=h).status_code == 404
+    assert stack.get("/orders/2020-01-01/items", headers=h).status_code == 404
 
 
 def test_header_and_query_versions(stack, live, key):
@@ -270,3 +273,43 @@ def test_encoded_paths_reach_only_the_route_the_plain_path_would(stack, live, ke
     assert echo(stack.get("/adm/%70ublic/x", headers=h))["path"] == "/pub/x"
     # %2F decodes to a separator before matching, as the plain path would.
     assert echo(stack.get("/adm%2Fpublic/y", headers=h))["path"] == "/pub/y"
+
+
+def test_an_anonymous_route_needs_no_key_and_its_siblings_still_do(stack, live):
+    from gateway.models import Api, Route
+
+    def build(up):
+        api = Api.objects.create(name="Pub", slug="pub", path_prefix="/pub", upstream=up)
+        Route.objects.create(api=api, name="open", path="/status", anonymous=True)
+        Route.objects.create(api=api, name="rest", path="/")
+
+    configure(stack, live, build, probe="/pub/status")
+    resp = stack.get("/pub/status", headers={"X-API-Key": "gw_000000000000_ignored"})
+    got = echo(resp)
+    assert got["path"] == "/status"
+    assert "x-api-key" not in got["headers"]  # a credential sent anyway is not passed on
+    assert "x-consumer-id" not in got["headers"]
+    assert "x-ratelimit-limit" not in resp.headers
+    assert stack.get("/pub/private").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "host_lines",
+    [
+        b"Host: a.example.test\r\nHost: internal\r\n",
+        b'Host: x", for=6.6.6.6;host="y\r\n',
+        b"Host: a b\r\n",
+    ],
+)
+def test_two_hosts_or_a_malformed_host_is_400(stack, live, host_lines):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=5) as sock:
+        sock.sendall(b"GET /demo/x HTTP/1.1\r\n" + host_lines + b"\r\n")
+        answer = b""
+        for _ in range(10):  # the head and the body may come in separate reads
+            answer += sock.recv(65536)
+            if b"request_id" in answer:
+                break
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"urn:apigw:problem:bad-request" in answer

@@ -134,3 +134,80 @@ def test_a_snapshot_that_fails_to_compile_is_refused_and_the_last_one_serves(cat
         asyncio.run(app.refresh_snapshot())
     assert app.snapshot is good
     assert metrics.SNAPSHOT_FAILURES._value.get() == before + 1
+    assert not asyncio.run(app.refresh_snapshot())  # not rebuilt again at every poll
+    # Keys still change while the routes are stuck at the last good snapshot.
+    from tests.conftest import make_user
+
+    issued = active_key(make_user("late@example.com"), catalog.free)
+    assert asyncio.run(app.refresh_snapshot())
+    assert issued.api_key.key_id in app.snapshot.keys
+    assert app.snapshot is good  # same routes, same (old) version
+    key_revoke(issued.api_key)
+    asyncio.run(app.refresh_snapshot())
+    assert issued.api_key.key_id not in app.snapshot.keys
+
+
+def test_ip_policy_deny_wins_and_mapped_addresses_count():
+    from gateway.dataplane.stages.ip_policy import IpPolicyStage
+    from gateway.routing import parse_networks
+
+    stage = IpPolicyStage(
+        allow=parse_networks("10.0.0.0/8, 2001:db8::/32"),
+        deny=parse_networks("10.9.0.0/16"),
+        api_slug="a",
+    )
+    assert stage.permits("10.1.2.3")
+    assert stage.permits("::ffff:10.1.2.3")  # IPv4-mapped IPv6 is the IPv4 address
+    assert stage.permits("2001:db8::1")
+    assert not stage.permits("10.9.1.1")
+    assert not stage.permits("192.0.2.1")
+    assert not stage.permits("")  # no address at all
+    assert IpPolicyStage(allow=(), deny=parse_networks("192.0.2.0/24"), api_slug="a").permits(
+        "198.51.100.1"
+    )
+
+
+def test_client_address_behind_trusted_proxies_is_the_rightmost_untrusted_hop(db):
+    import dataclasses
+    import ipaddress
+
+    app = GatewayApp(dataclasses.replace(load_settings(), trusted_proxies=("10.0.0.0/8",)))
+    app._trusted_proxies = tuple(ipaddress.ip_network(n) for n in app.settings.trusted_proxies)
+    chain = [(b"x-forwarded-for", b"6.6.6.6, 203.0.113.9, 10.0.0.2")]
+    assert app._is_trusted("10.0.0.1") and not app._is_trusted("203.0.113.9")
+    # 6.6.6.6 could be forged by the client; 203.0.113.9 is what our proxies saw.
+    assert app._forwarded_client(chain) == "203.0.113.9"
+    assert app._forwarded_client([(b"x-forwarded-for", b"10.0.0.3")]) == "10.0.0.3"
+    assert app._forwarded_client([(b"x-forwarded-for", b"not-an-ip")]) == ""
+    assert app._forwarded_client([]) == ""
+
+
+def test_traceparent_validation():
+    from gateway.dataplane.stages.proxy import valid_traceparent
+
+    assert valid_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert not valid_traceparent(b"00-00000000000000000000000000000000-00f067aa0ba902b7-01")
+    assert not valid_traceparent(b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert not valid_traceparent(b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")
+    assert valid_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
+
+
+def test_query_credential_is_removed_from_the_upstream_query_string():
+    from gateway.dataplane.stages.proxy import _without_param
+
+    assert _without_param(b"a=1&api_key=gw_x&b=%20", "api_key") == b"a=1&b=%20"
+    assert _without_param(b"api%5Fkey=gw_x&c", "api_key") == b"c"
+    assert _without_param(b"api_keys=1", "api_key") == b"api_keys=1"
+
+
+def test_targets_are_healthy_again_when_active_checks_are_turned_off():
+    from gateway.dataplane.balancer import HealthChecker
+    from gateway.dataplane.snapshot import UpstreamEntry
+    from tests.test_balancer import targets
+
+    ts = targets(100, 100)
+    ts[0].healthy = False
+    ts[0].probes_failed = 3
+    checker = HealthChecker(lambda: None)
+    checker.sync([UpstreamEntry(1, "up", ts, 1.0, 1.0)])  # health is None: no checks
+    assert ts[0].healthy and ts[0].probes_failed == 0

@@ -69,6 +69,10 @@ def matched_id(router: Router, method: str, path: str, **kw) -> int | None:
         ("/", "/"),
         ("relative", None),
         ("/a\x00b", None),
+        ("/public/..;/internal", None),  # Tomcat and Jetty would resolve it as ..
+        ("/public/.;x/a", None),
+        ("/a\\..\\b", None),  # IIS and some frameworks read a backslash as /
+        ("/a/..x/b", "/a/..x/b"),  # not a dot segment
     ],
 )
 def test_normalize_path(raw, expected):

@@ -38,9 +38,11 @@ from gateway.dataplane.snapshot import (
     compile_snapshot,
     load_config,
     load_key_delta,
+    load_keys,
 )
 from gateway.dataplane.stages.authenticate import AuthenticateStage
 from gateway.dataplane.stages.authorize import AuthorizeStage
+from gateway.dataplane.stages.ip_policy import IpPolicyStage
 from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
 from gateway.dataplane.stages.proxy import ProxyHandler, body_too_large
@@ -50,6 +52,8 @@ log = logging.getLogger("gateway")
 # An inbound X-Request-ID is kept when it looks like an id (correlation across hops); anything
 # else is replaced. It never becomes the log event's id: clients must not collide events.
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
+RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to build is tried again this often
+_HOST_HEADER = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?$")
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -106,6 +110,8 @@ class GatewayApp:
         self.health = HealthChecker(self._get_session)
         self._trust_cache: dict[str, bool] = {}
         self._drops_reported = 0
+        self._seen: tuple[str, int] = ("", -1)  # the config (epoch, version) last processed
+        self._broken_since: float | None = None  # the last rebuild failed (monotonic time)
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -203,16 +209,26 @@ class GatewayApp:
         return await asyncio.get_running_loop().run_in_executor(self._db, call)
 
     async def refresh_snapshot(self) -> bool:
-        """Rebuild the snapshot if the config version moved; True if it was swapped."""
+        """Bring the snapshot to the current config version; True if it changed.
+
+        Key-only changes are applied as a delta. Anything else rebuilds; a rebuild that fails
+        keeps the last good routes serving, but with every key reloaded (a revocation must
+        not wait for someone to fix a route), and is tried again on the next structural
+        change or after RETRY_BROKEN_SECONDS.
+        """
         from gateway.config import config_current_stamp
 
         epoch, version = await self._run_db(config_current_stamp)
         current = self.snapshot
-        if current is not None and (epoch, version) == (current.epoch, current.version):
-            return False
-        if current is not None and epoch == current.epoch and version > current.version:
+        seen_epoch, seen = self._seen
+        if current is not None and (epoch, version) == (seen_epoch, seen):
+            if self._broken_since is None or time.monotonic() - self._broken_since < (
+                RETRY_BROKEN_SECONDS
+            ):
+                return False
+        elif current is not None and epoch == seen_epoch and version > seen:
             started = time.perf_counter()
-            delta = await self._run_db(load_key_delta, current.version, version)
+            delta = await self._run_db(load_key_delta, seen, version)
             if delta is not None:
                 changed, entries = delta
                 # Applied in place, between two requests (no await in this loop): a request
@@ -224,7 +240,9 @@ class GatewayApp:
                         keys.pop(key_id, None)
                     else:
                         keys[key_id] = entry
-                self.snapshot = dataclasses.replace(current, version=version)
+                self._seen = (epoch, version)
+                if self._broken_since is None:
+                    self.snapshot = dataclasses.replace(current, version=version)
                 log.info(
                     "config v%s: %d keys changed in %.1f ms (delta)",
                     version,
@@ -245,8 +263,17 @@ class GatewayApp:
             )
         except Exception:
             metrics.SNAPSHOT_FAILURES.inc()
+            if current is not None:
+                self._broken_since = time.monotonic()
+                self._seen = (epoch, version)
+                with contextlib.suppress(Exception):
+                    fresh = await self._run_db(load_keys, None)
+                    current.keys.clear()  # no await between these two lines
+                    current.keys.update(fresh)
             raise
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
+        self._seen = (epoch, version)
+        self._broken_since = None
         self.health.sync(snapshot.upstreams)
         log.info(
             "config v%s: %d routes, %d keys, built in %.1f ms",
@@ -258,23 +285,37 @@ class GatewayApp:
         return True
 
     def _compile_route(self, route: RouteEntry, keys: dict[str, KeyEntry]) -> None:
+        assert self.settings is not None and self.limiter is not None
+        # Only the stages a route uses are in its pipeline, in DESIGN.md's order.
+        stages: list = []
+        if route.ip_allow or route.ip_deny:
+            stages.append(
+                IpPolicyStage(allow=route.ip_allow, deny=route.ip_deny, api_slug=route.api_slug)
+            )
+        if not route.anonymous:  # a public route has no key stages at all
+            stages.extend(self._key_stages(route, keys))
+        route.stages = stages
+        route.handler = ProxyHandler(
+            session_getter=self._get_session,
+            key_header=route.key_header,
+            preserve_host=route.preserve_host,
+            forward_credential=route.forward_credential,
+            key_query_param=route.key_query_param,
+        )
+
+    def _key_stages(self, route: RouteEntry, keys: dict[str, KeyEntry]) -> list:
         s = self.settings
-        assert s is not None and self.limiter is not None
-        route.stages = [
+        return [
             AuthenticateStage(
                 key_header=route.key_header,
                 header_label=route.key_header_label,
                 keys=keys,
                 secret=s.key_hmac_secret,
+                query_param=route.key_query_param,
             ),
-            AuthorizeStage(api_id=route.api_id, api_slug=route.api_slug),
+            AuthorizeStage(api_id=route.api_id, api_slug=route.api_slug, plans=route.plans),
             LimitStage(limiter=self.limiter, fail_closed=route.fail_closed),
         ]
-        route.handler = ProxyHandler(
-            session_getter=self._get_session,
-            key_header=route.key_header,
-            preserve_host=route.preserve_host,
-        )
 
     def _get_session(self) -> aiohttp.ClientSession:
         assert self._session is not None
@@ -445,12 +486,17 @@ class GatewayApp:
             event_id=event_id,
             peer_ip=peer,
         )
+        hosts = 0
         for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                if _REQUEST_ID.match(v):
-                    ctx.request_id = v.decode()
-                    ctx.request_id_generated = False
-                break
+            if k == b"host":
+                # Routing reads one Host, forwarding another, if there are two (RFC 9112
+                # §3.2: 400); an odd one could break out of Forwarded's quoted host.
+                hosts += 1
+                if hosts > 1 or not _HOST_HEADER.match(v):
+                    ctx.bad_host = True
+            elif k == b"x-request-id" and ctx.request_id_generated and _REQUEST_ID.match(v):
+                ctx.request_id = v.decode()
+                ctx.request_id_generated = False
         if self._trusted_proxies and self._is_trusted(peer):
             ctx.trusted_peer = True
             ctx.client_ip = self._forwarded_client(scope["headers"]) or peer
@@ -493,6 +539,10 @@ class GatewayApp:
         snapshot = self.snapshot
         if snapshot is None:
             return problem("not-ready", "No configuration loaded yet.", request_id=ctx.request_id)
+        if ctx.bad_host:
+            return problem(
+                "bad-request", "Send exactly one valid Host header.", request_id=ctx.request_id
+            )
         path = normalize_path(ctx.path)
         if path is None:
             return problem("bad-request", "Malformed request path.", request_id=ctx.request_id)

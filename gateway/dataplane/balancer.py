@@ -132,9 +132,10 @@ class TargetRegistry:
         return state
 
     def ssl(self, key: tuple) -> ssl.SSLContext | bool:
-        """A TLS context per distinct setting (key: verify, ca file, cert, key), built once."""
+        """A TLS context per distinct setting (key: verify, ca file, cert, key, and the files'
+        modification times, so that a renewed certificate is loaded), built once."""
         if key not in self._ssl:
-            verify, ca_file, client_cert, client_key = key
+            verify, ca_file, client_cert, client_key, _mtimes = key
             self._ssl[key] = ssl_context(
                 verify=verify, ca_file=ca_file, client_cert=client_cert, client_key=client_key
             )
@@ -304,8 +305,19 @@ class HealthChecker:
         wanted: dict[tuple, object] = {}
         for up in upstreams:
             if up.health is not None and up.balancer.targets:
-                key = (up.id, up.health, up.ssl_key, tuple(id(t) for t in up.balancer.targets))
+                key = (
+                    up.id,
+                    up.health,
+                    up.ssl_key,
+                    up.server_hostname,
+                    tuple(id(t) for t in up.balancer.targets),
+                )
                 wanted[key] = up
+            else:
+                # No active checks (any more): what the last probes said no longer holds.
+                for t in up.balancer.targets:
+                    t.healthy = True
+                    t.probes_ok = t.probes_failed = 0
         for key in list(self._tasks):
             if key not in wanted:
                 self._tasks.pop(key).cancel()

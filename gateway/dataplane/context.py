@@ -38,6 +38,7 @@ class RequestContext:
     peer_ip: str = ""  # the TCP peer
     trusted_peer: bool = False  # the peer is a configured proxy: its X-Forwarded-* hold
     request_id_generated: bool = True
+    bad_host: bool = False  # more than one Host header, or one that is not host[:port]
     path_params: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     wall_time: float = field(default_factory=time.time)

@@ -18,6 +18,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "forbidden": (403, "Forbidden"),
     "not-found": (404, "No route matches"),
     "method-not-allowed": (405, "Method not allowed"),
+    "request-timeout": (408, "Request timeout"),
     "body-too-large": (413, "Request body too large"),
     "uri-too-long": (414, "URI too long"),
     "header-too-large": (431, "Request header fields too large"),

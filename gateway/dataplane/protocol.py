@@ -24,9 +24,11 @@ log = logging.getLogger("gateway.protocol")
 _LIMITS = settings.GATEWAY
 MAX_HEADER_BYTES: int = _LIMITS["MAX_HEADER_BYTES"]
 MAX_URL_BYTES: int = _LIMITS["MAX_URL_BYTES"]
+HEADER_TIMEOUT: float = _LIMITS["HEADER_TIMEOUT"]
 
 _DETAILS = {
     400: ("bad-request", "The request is not valid HTTP/1.1."),
+    408: ("request-timeout", f"The request head did not arrive within {HEADER_TIMEOUT:g} s."),
     414: ("uri-too-long", f"The request target is longer than {MAX_URL_BYTES} bytes."),
     431: ("header-too-large", f"The request head is larger than {MAX_HEADER_BYTES} bytes."),
 }
@@ -42,6 +44,31 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _read_bytes = 0  # bytes read while this head was incomplete
     _in_head = True
     _refuse = 0
+    _head_timer = None  # armed while a head is incomplete (slowloris): 408 when it fires
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        # A connection that sends nothing, or a head byte by byte, is closed after
+        # HEADER_TIMEOUT: uvicorn itself only times out idle keep-alive connections.
+        self._head_timer = self.loop.call_later(HEADER_TIMEOUT, self._head_timed_out)
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        if self._read_bytes or self._field_bytes or getattr(self, "url", b""):
+            self._refuse_request(408)
+        else:
+            self.transport.close()  # never said a word: nothing to answer
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -66,6 +93,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._cancel_head_timer()
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -87,6 +115,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._read_bytes += len(data)
             if self._read_bytes > MAX_HEADER_BYTES + MAX_URL_BYTES:
                 self._refuse_request(431)
+            elif self._head_timer is None:  # the next request's head, on a kept-alive one
+                self._head_timer = self.loop.call_later(HEADER_TIMEOUT, self._head_timed_out)
 
     def _refuse_request(self, status: int) -> None:
         global _last_warning

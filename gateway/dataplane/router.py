@@ -28,11 +28,23 @@ if TYPE_CHECKING:
     from gateway.dataplane.snapshot import RouteEntry
 
 _SLASHES = re.compile(r"/{2,}")
+_DOT_PARAMS = re.compile(r"/\.\.?;")
+# What a version segment looks like (v2, v1.1, 2024-06-01): below a path-versioned API's
+# prefix, an unknown one is a 404, not a path of the default version.
+VERSION_LIKE = re.compile(r"^(v\d+([._]\d+)*|\d{4}-\d{2}-\d{2})$")
 
 
 def normalize_path(path: str) -> str | None:
-    """Collapse duplicate slashes and resolve dot segments; None if the path is unusable."""
-    if not path.startswith("/") or "\x00" in path:
+    """Collapse duplicate slashes and resolve dot segments; None if the path is unusable.
+
+    Refused (None, a 400): a NUL, a backslash, or a dot segment with parameters (`..;`),
+    which some upstream servers (Tomcat, Jetty, IIS) resolve as `..` or `/` after we matched.
+    """
+    if not path.startswith("/") or "\x00" in path or "\\" in path:
+        return None
+    if "//" not in path and "/." not in path:
+        return path  # nothing to normalise: the common case
+    if _DOT_PARAMS.search(path):
         return None
     trailing = path.endswith("/") and path != "/"
     path = posixpath.normpath(_SLASHES.sub("/", path))
@@ -158,14 +170,15 @@ class Router:
         for trie in (self._any, *self._exact_hosts.values(), *self._wildcards.values()):
             trie.freeze()
         self._by_host = bool(self._exact_hosts or self._wildcards)
+        self._any_only = (self._any,)
 
     def __len__(self) -> int:
         return self._count
 
-    def _tries(self, scope_headers) -> list[_PathTrie]:
+    def _tries(self, scope_headers) -> tuple[_PathTrie, ...] | list[_PathTrie]:
         """The host groups to search, most specific first."""
         if not self._by_host:
-            return [self._any]
+            return self._any_only
         host = _host_of(scope_headers)
         tries = []
         trie = self._exact_hosts.get(host)
@@ -193,7 +206,7 @@ class Router:
         """
         segs = [s for s in path.split("/") if s]
         allowed: set[str] = set()
-        request = _Request(scope_headers, query)  # parses nothing until a condition asks
+        request = _Request(scope_headers, query, segs)  # parses nothing until asked
         for trie in self._tries(scope_headers):
             exact, regex, prefix = trie.candidates(segs)
             for _depth, routes, values in exact:
@@ -224,11 +237,12 @@ def _params(route: RouteEntry, values: tuple[str, ...]) -> dict[str, str]:
 class _Request:
     """What conditions read: headers by name and the query, parsed only when asked."""
 
-    __slots__ = ("headers", "query", "_query_params")
+    __slots__ = ("headers", "query", "segments", "_query_params")
 
-    def __init__(self, headers, query: bytes) -> None:
+    def __init__(self, headers, query: bytes, segments: list[str]) -> None:
         self.headers = headers
         self.query = query
+        self.segments = segments
         self._query_params: dict[str, str] | None = None
 
     def header(self, name: bytes) -> bytes | None:

@@ -7,6 +7,7 @@ replacing one attribute when the config version moves. Requests never query the 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import time
@@ -18,7 +19,7 @@ import aiohttp
 
 from gateway import routing
 from gateway.dataplane.balancer import Balancer, HealthConfig, TargetRegistry, TargetState
-from gateway.dataplane.router import Router
+from gateway.dataplane.router import VERSION_LIKE, Router
 
 if TYPE_CHECKING:
     from gateway.dataplane.pipeline import Handler, Stage
@@ -76,14 +77,27 @@ class KeyEntry:
 
 @dataclass(frozen=True, slots=True)
 class VersionCondition:
-    """The API version a request names must be `value` (or be absent, for the default)."""
+    """The API version a request names must be `value` (or be absent, for the default).
 
-    kind: str  # "header" | "query"
-    name: str  # lower-case header name, or the query parameter
+    kind "header" / "query": named by a header or a query parameter `name`. Kind "path" is
+    the default version of a path-versioned API reached without a version segment: it holds
+    unless the segment at index `name` looks like a version (an unknown one is a 404).
+    """
+
+    kind: str  # "header" | "query" | "path"
+    name: str  # lower-case header name, query parameter, or segment index
     value: str
     accepts_missing: bool
+    name_bytes: bytes = b""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name_bytes", self.name.encode("latin-1"))
 
     def holds(self, request) -> bool:
+        if self.kind == "path":
+            segments = request.segments
+            index = int(self.name)
+            return len(segments) <= index or not VERSION_LIKE.match(segments[index])
         if self.kind == "header":
             raw = request.header(self.name_bytes)
             given = raw.decode("latin-1").strip() if raw is not None else None
@@ -92,10 +106,6 @@ class VersionCondition:
         if not given:
             return self.accepts_missing
         return given == self.value
-
-    @property
-    def name_bytes(self) -> bytes:
-        return self.name.encode("latin-1")
 
 
 @dataclass(slots=True)
@@ -118,6 +128,12 @@ class RouteEntry:
     header_conditions: tuple[tuple[bytes, frozenset[bytes] | None], ...] = ()
     version_condition: VersionCondition | None = None
     priority: int = 0
+    anonymous: bool = False  # no authentication, authorization or per-key limit stages
+    key_query_param: str = ""  # the API also takes its key from this query parameter
+    forward_credential: bool = False  # pass the key upstream (removed by default)
+    ip_allow: tuple = ()  # ip_network objects; empty: everyone
+    ip_deny: tuple = ()
+    plans: tuple[str, ...] = ()  # public plans that include the API (for 403 details)
     unconditional: bool = True  # no header or version condition (set in __post_init__)
     # --- forwarding (stages/proxy.py) ---
     strip: str = ""  # public prefix removed before forwarding ("" keeps the path)
@@ -154,7 +170,10 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
     apis = list(
         Api.objects.select_related("upstream")
         .prefetch_related(
-            "routes__upstream__targets", "upstream__targets", "versions__upstream__targets"
+            "routes__upstream__targets",
+            "upstream__targets",
+            "versions__upstream__targets",
+            "plans",
         )
         .all()
     )
@@ -248,6 +267,9 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
     api_prefix = "/" + "/".join(api_segments) if api_segments else ""
     hosts = routing.parse_hosts(route.hosts or api.hosts)
     header_conditions = routing.parse_header_conditions(route.headers)
+    ip_allow = routing.parse_networks(api.ip_allow)
+    ip_deny = routing.parse_networks(api.ip_deny)
+    plans = tuple(sorted(p.slug for p in api.plans.all() if p.is_public))
     max_body = default_max_body if route.max_body_bytes is None else route.max_body_bytes
     scheme = api.version_scheme
     versions = list(api.versions.all()) if scheme != "none" else []
@@ -263,7 +285,8 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
         if scheme == "path":
             variants.append((v, (v.name,), None))
             if v.is_default:
-                variants.append((v, (), None))
+                guard = VersionCondition("path", str(len(api_segments)), "", True)
+                variants.append((v, (), guard))
         else:
             name = api.version_header.lower() if scheme == "header" else api.version_query
             variants.append((v, (), VersionCondition(scheme, name, v.name, v.is_default)))
@@ -300,6 +323,12 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
                 header_conditions=header_conditions,
                 version_condition=condition,
                 priority=route.priority,
+                anonymous=route.anonymous,
+                key_query_param=api.key_query_param,
+                forward_credential=api.forward_credential,
+                ip_allow=ip_allow,
+                ip_deny=ip_deny,
+                plans=plans,
                 strip=(api_prefix + "".join("/" + s for s in version_segment))
                 if route.strip_prefix
                 else "",
@@ -385,7 +414,9 @@ def compile_upstream(up, registry: TargetRegistry) -> UpstreamEntry:
     tls = None
     ssl_key: tuple = ()
     if up.scheme == "https":
-        ssl_key = (up.tls_verify, up.tls_ca_file, up.tls_client_cert, up.tls_client_key)
+        files = (up.tls_ca_file, up.tls_client_cert, up.tls_client_key)
+        mtimes = tuple(os.stat(f).st_mtime_ns if f else 0 for f in files)
+        ssl_key = (up.tls_verify, *files, mtimes)
         tls = registry.ssl(ssl_key)
     return UpstreamEntry(
         id=up.pk,

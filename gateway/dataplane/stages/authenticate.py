@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from urllib.parse import parse_qsl
 
 from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.pipeline import Stage
@@ -13,17 +14,31 @@ from portal.keys import key_parse
 
 
 class AuthenticateStage(Stage):
-    """Accepts the API's key header or `Authorization: Bearer <key>`."""
+    """Accepts the API's key header, `Authorization: Bearer <key>`, or (where the API enables
+    it) a query parameter."""
 
     name = "authenticate"
 
     def __init__(
-        self, *, key_header: bytes, header_label: str, keys: dict[str, KeyEntry], secret: bytes
+        self,
+        *,
+        key_header: bytes,
+        header_label: str,
+        keys: dict[str, KeyEntry],
+        secret: bytes,
+        query_param: str = "",
     ) -> None:
         self.key_header = key_header
         self.header_label = header_label
         self.keys = keys
         self.secret = secret
+        self.query_param = query_param
+        self._query_marker = f"{query_param}=".encode() if query_param else b""
+        ways = f"the {header_label} header or as Authorization: Bearer <key>"
+        if query_param:
+            ways = f"the {header_label} header, as Authorization: Bearer <key> or in the "
+            ways += f"{query_param} query parameter"
+        self.missing_detail = f"Send an API key in {ways}."
         self.challenge = [
             (b"www-authenticate", f'ApiKey realm="apigw", header="{header_label}"'.encode()),
             (b"www-authenticate", b'Bearer realm="apigw"'),
@@ -38,6 +53,13 @@ class AuthenticateStage(Stage):
         if auth is not None and auth[:7].lower() == b"bearer ":
             ctx.credential = "bearer"
             return auth[7:].strip()
+        if self._query_marker:
+            query = ctx.scope.get("query_string", b"")
+            if self._query_marker in query:
+                for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                    if name == self.query_param and value:
+                        ctx.credential = "query"
+                        return value.encode("latin-1")
         return None
 
     async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
@@ -45,8 +67,7 @@ class AuthenticateStage(Stage):
         if not raw:
             return problem(
                 "missing-credential",
-                f"Send an API key in the {self.header_label} header "
-                "or as Authorization: Bearer <key>.",
+                self.missing_detail,
                 request_id=ctx.request_id,
                 headers=self.challenge,
             )

@@ -10,9 +10,10 @@ from gateway.dataplane.problems import problem
 class AuthorizeStage(Stage):
     name = "authorize"
 
-    def __init__(self, *, api_id: int, api_slug: str) -> None:
+    def __init__(self, *, api_id: int, api_slug: str, plans: tuple[str, ...] = ()) -> None:
         self.api_id = api_id
         self.api_slug = api_slug
+        self.plans = plans  # public plans that include this API, for the 403's detail
 
     async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         key = ctx.key
@@ -26,9 +27,12 @@ class AuthorizeStage(Stage):
                 request_id=ctx.request_id,
             )
         if self.api_id not in key.api_ids:
+            would = ", ".join(f"'{p}'" for p in self.plans)
+            hint = f" Plans that do: {would}." if would else ""
             return problem(
                 "forbidden",
-                f"Plan '{key.plan_slug}' does not include API '{self.api_slug}'.",
+                f"Plan '{key.plan_slug}' does not include API '{self.api_slug}'.{hint}",
                 request_id=ctx.request_id,
+                plans=list(self.plans),
             )
         return None

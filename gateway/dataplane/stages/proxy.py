@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from random import getrandbits
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 import aiohttp
 from multidict import CIMultiDict
@@ -64,6 +64,10 @@ _VIA_RESPONSE = (b"via", VIA.encode())
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
+# A Host (or trusted X-Forwarded-Host) value that is safe inside a Forwarded quoted-string.
+_HOST_VALUE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?$")
+
+
 class BodyTooLarge(Exception):
     """The request body grew past the route's limit while it streamed."""
 
@@ -84,11 +88,23 @@ def _forwarded_node(ip: str) -> str:
 
 
 class ProxyHandler:
-    def __init__(self, *, session_getter, key_header: bytes, preserve_host: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        session_getter,
+        key_header: bytes,
+        preserve_host: bool = False,
+        forward_credential: bool = False,
+        key_query_param: str = "",
+    ) -> None:
         self._session = session_getter
-        self.key_header = key_header  # the API's credential header: never forwarded
-        self.drop = HOP_BY_HOP | GATEWAY_ASSERTED | {key_header}
+        self.key_header = key_header  # the API's credential header: not forwarded by default
+        self.drop = HOP_BY_HOP | GATEWAY_ASSERTED
+        if not forward_credential:
+            self.drop = self.drop | {key_header}
         self.preserve_host = preserve_host
+        self.forward_credential = forward_credential
+        self.key_query_param = key_query_param
 
     def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict:
         drop = self.drop
@@ -99,7 +115,7 @@ class ProxyHandler:
         pairs: list[tuple[str, str]] = []
         forwarded_for = forwarded = forwarded_proto = forwarded_host = None
         host = via = traceparent = tracestate = None
-        strip_bearer = ctx.credential == "bearer"
+        strip_bearer = ctx.credential == "bearer" and not self.forward_credential
         for k, v in scope_headers:
             name = k.replace(b"_", b"-") if b"_" in k else k
             if name in drop or name.startswith(_ASSERTED_PREFIX):
@@ -134,7 +150,7 @@ class ProxyHandler:
             out["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
             if forwarded_proto:
                 proto = forwarded_proto.decode("latin-1")
-            if forwarded_host:
+            if forwarded_host and _HOST_VALUE.match(forwarded_host.decode("latin-1")):
                 public_host = forwarded_host.decode("latin-1")
         else:
             # Anyone else's forwarding headers are dropped: they would let a client pose as
@@ -144,8 +160,10 @@ class ProxyHandler:
         out["X-Forwarded-Proto"] = proto
         if public_host:
             out["X-Forwarded-Host"] = public_host
+        if proto not in ("http", "https"):
+            proto = ctx.scope.get("scheme", "http")  # a trusted proxy's odd value: ours
         element = f"for={_forwarded_node(peer)};proto={proto}"
-        if public_host:
+        if public_host and _HOST_VALUE.match(public_host):
             element += f';host="{public_host}"'
         out["Forwarded"] = f"{forwarded.decode('latin-1')}, {element}" if forwarded else element
         out["Via"] = f"{via.decode('latin-1')}, {VIA}" if via else VIA
@@ -230,6 +248,9 @@ class ProxyHandler:
         balancer = upstream.balancer
         path = self._upstream_path(ctx)
         query = ctx.scope.get("query_string", b"")
+        if self.key_query_param and query and not self.forward_credential:
+            # Removed whether or not it was the credential used: a key never goes upstream.
+            query = _without_param(query, self.key_query_param)
         if query:
             path += "?" + query.decode("latin-1")
         headers = self._upstream_headers(ctx)
@@ -291,7 +312,7 @@ class ProxyHandler:
         balancer = upstream.balancer
         send = ctx.send
         watcher: asyncio.Task | None = None
-        verdict = None  # True: success, False: failure, None: no verdict (client left)
+        verdict = None  # "judged": success told; False: failure; None: no verdict (client left)
         ctx.error_kind = ""
         target.active += 1
         try:
@@ -310,11 +331,14 @@ class ProxyHandler:
                 status = resp.status
                 if status in RETRY_STATUSES:
                     verdict = False
-                    if not last:
+                    if not last and not ctx.body_streamed:
                         # Another try will answer: this one is dropped, unread.
                         return _upstream_status_problem(ctx, status), False
                 else:
-                    verdict = True
+                    # Judged on the head: a long answer (a stream) must not hold the circuit's
+                    # half-open trial slot until it ends.
+                    balancer.succeeded(target)
+                    verdict = "judged"
                 out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_RETURNED]
                 out.append((b"x-request-id", ctx.request_id.encode()))
                 out.append(_VIA_RESPONSE)
@@ -367,11 +391,9 @@ class ProxyHandler:
             target.active -= 1
             if watcher is not None and not watcher.done():
                 watcher.cancel()
-            if verdict is True:
-                balancer.succeeded(target)
-            elif verdict is False:
+            if verdict is False:
                 balancer.failed(target)
-            else:
+            elif verdict is None:
                 balancer.abandoned(target)
 
 
@@ -398,6 +420,21 @@ def _upstream_status_problem(ctx: RequestContext, status: int) -> LocalResponse:
         f"Upstream '{ctx.route.upstream.name}' answered {status}.",
         request_id=ctx.request_id,
     )
+
+
+def _without_param(query: bytes, name: str) -> bytes:
+    """The raw query string without parameter `name` (other bytes kept as sent)."""
+    prefix = name.encode("latin-1") + b"="
+    return b"&".join(
+        part for part in query.split(b"&") if part and not _is_param(part, prefix, name)
+    )
+
+
+def _is_param(part: bytes, prefix: bytes, name: str) -> bool:
+    if part.startswith(prefix):
+        return True
+    key = part.split(b"=", 1)[0]
+    return b"%" in key and unquote_plus(key.decode("latin-1")) == name  # api%5Fkey=…
 
 
 def body_too_large(ctx: RequestContext) -> LocalResponse:
