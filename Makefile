@@ -77,6 +77,10 @@ test: install-dev lint
 
 bench: install-dev
 	$(PY) bench/run.py
+	@echo "=== snapshot and router at scale (bench/snapshot.py)"
+	@env -u DATABASE_URL -u REDIS_URL $(PY) bench/snapshot.py
+	@echo "=== 1 GiB streamed each way (bench/stream.py)"
+	@env -u DATABASE_URL -u REDIS_URL $(PY) bench/stream.py
 	@echo "=== ingest (bench/ingest.py)"
 	@echo "| database | events | batch | events/s | rollup rows | redelivered batch |"
 	@echo "| --- | ---: | ---: | ---: | ---: | --- |"

@@ -446,12 +446,16 @@ def _touch_keys(events: list[Event]) -> None:
 
 
 # --- sources ------------------------------------------------------------------------------
-def ingest_spool(directory: str | Path, *, max_files: int = 200) -> int:
-    """Ingest spool files oldest first; each file is removed only after its commit."""
+def ingest_spool(directory: str | Path, *, max_files: int = 200, group_events: int = 10_000) -> int:
+    """Ingest spool files oldest first, several per transaction (up to `group_events`
+    events: one commit per ~10 gateway batches, as the stream consumer does); each file is
+    removed only after the commit that holds it."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     total = 0
+    group: list[tuple[Path, list[dict]]] = []
+    events = 0
     for path in sorted(directory.glob("[0-9]*.json"))[:max_files]:
         try:
             raw = path.read_bytes()
@@ -464,16 +468,32 @@ def ingest_spool(directory: str | Path, *, max_files: int = 200) -> int:
             log.error("unreadable spool file %s moved to %s", path.name, BAD_SUFFIX)
             path.rename(path.with_name(path.name + BAD_SUFFIX))
             continue
-        try:
-            total += ingest_batch(batch)
-        except (IntegrityError, DataError):
-            # This batch can never be stored: set it aside so that the files behind it flow.
-            # (OperationalError, e.g. the database being down, propagates: retry later.)
-            log.exception("spool file %s refused by the database, moved aside", path.name)
-            path.rename(path.with_name(path.name + BAD_SUFFIX))
-            continue
-        path.unlink(missing_ok=True)
+        group.append((path, batch))
+        events += len(batch)
+        if events >= group_events:
+            total += _ingest_files(group)
+            group, events = [], 0
+    if group:
+        total += _ingest_files(group)
     return total
+
+
+def _ingest_files(group: list[tuple[Path, list[dict]]]) -> int:
+    """One transaction for these files; if the database refuses it, file by file, so that
+    only the file it cannot store is set aside."""
+    try:
+        n = ingest_batch([event for _, batch in group for event in batch])
+    except (IntegrityError, DataError):
+        # (OperationalError, e.g. the database being down, propagates: retry later.)
+        if len(group) > 1:
+            return sum(_ingest_files([one]) for one in group)
+        path = group[0][0]
+        log.exception("spool file %s refused by the database, moved aside", path.name)
+        path.rename(path.with_name(path.name + BAD_SUFFIX))
+        return 0
+    for path, _ in group:
+        path.unlink(missing_ok=True)
+    return n
 
 
 def ingest_stream(
