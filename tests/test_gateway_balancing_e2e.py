@@ -121,6 +121,19 @@ def test_a_dead_target_is_retried_elsewhere_then_ejected(stack, live, key, pool)
     results = [hit(stack, key, method=m) for m in ("GET", "POST") * 10]
     # Connection refused: nothing was sent, so even a POST is safely retried on the other.
     assert all(r == (200, a) for r in results), results
+    text = stack.ops("/metrics").text
+    assert _sample(text, "gateway_upstream_retries_total", api="lb") >= 1
+    assert _sample(text, "gateway_upstream_target_usable", target=f"127.0.0.1:{dead}") == 0
+    assert _sample(text, "gateway_upstream_target_usable", target=f"127.0.0.1:{a}") == 1
+    assert _sample(text, "gateway_upstream_target_circuit_open", target=f"127.0.0.1:{dead}") >= 1
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of the first sample of `name` whose labels include `labels`."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name} {labels} in:\n{text[:3000]}")
 
 
 def test_circuit_opens_then_a_trial_closes_it(stack, live, key, reset_pool):

@@ -376,6 +376,7 @@ class GatewayApp:
         if self.snapshot is not None:
             metrics.CONFIG_VERSION.set(self.snapshot.version)
             metrics.SNAPSHOT_BUILD.set(self.snapshot.build_seconds)
+            metrics.report_targets(self.snapshot.upstreams)
 
     async def handle_ops(self, scope, send) -> None:
         """The operations listener: never routed, never logged as traffic."""

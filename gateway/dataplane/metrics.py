@@ -58,6 +58,22 @@ SNAPSHOT_FAILURES = Counter(
     "gateway_snapshot_build_failures_total",
     "Snapshots that failed to build or compile; the last good one kept serving.",
 )
+UPSTREAM_RETRIES = Counter(
+    "gateway_upstream_retries_total", "Tries repeated on another target, by API.", ["api"]
+)
+TARGET_USABLE = Gauge(
+    "gateway_upstream_target_usable",
+    "1 if the target takes requests in this worker (healthy by active checks and its "
+    "circuit not open), else 0; the minimum over workers.",
+    ["upstream", "target"],
+    multiprocess_mode="livemin",
+)
+TARGET_CIRCUIT_OPEN = Gauge(
+    "gateway_upstream_target_circuit_open",
+    "Workers in which the target's circuit breaker is open or half-open.",
+    ["upstream", "target"],
+    multiprocess_mode="livesum",
+)
 _UPSTREAM_KINDS = {"upstream_error", "upstream_timeout", "upstream_aborted", "no_target"}
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
@@ -85,6 +101,20 @@ class MetricsStage(Stage):
         hist.observe(ctx.elapsed())
         if ctx.error_kind in _UPSTREAM_KINDS:
             UPSTREAM_ERRORS.labels(api, ctx.error_kind).inc()
+        if ctx.retries:
+            UPSTREAM_RETRIES.labels(api).inc(ctx.retries)
+
+
+def report_targets(upstreams) -> None:
+    """Set the per-target gauges (labels: upstream name and host:port; targets are few)."""
+    import time
+
+    now = time.monotonic()
+    for up in upstreams:
+        for t in up.balancer.targets:
+            name = f"{t.host}:{t.port}"
+            TARGET_USABLE.labels(up.name, name).set(1 if t.available(now) or t.trial else 0)
+            TARGET_CIRCUIT_OPEN.labels(up.name, name).set(1 if t.open_until else 0)
 
 
 def render() -> bytes:
