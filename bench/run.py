@@ -803,6 +803,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds to wait for other processes to go idle before starting (default 30)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the gateway's event loop and print its top functions (slows it)",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 50:
         p.error("--rounds must be 1..50")
@@ -886,6 +891,8 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
         "GATEWAY_OPS_BIND": f"127.0.0.1:{free_port()}",
         "GATEWAY_WORKERS": "1",
     }
+    if args.profile:
+        gw_env["GATEWAY_PROFILE_FILE"] = str(tmp / "gateway.prof")
     gateway = procs.start(
         "gateway",
         [
@@ -967,6 +974,12 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     # gateway's own record of every status it answered.
     log("stopping the gateway; reading its log spool")
     procs.stop(gateway)
+    if args.profile:
+        import pstats
+
+        for path in sorted(tmp.glob("gateway.prof.*")):
+            print(f"\n## cProfile of the gateway worker ({path.name}), by own time\n")
+            pstats.Stats(str(path)).sort_stats("tottime").print_stats(35)
     checks = []
     wrk_errors = [r for r in runs if r.errors]
     if wrk_errors:

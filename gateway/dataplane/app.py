@@ -13,7 +13,9 @@ import gc
 import ipaddress
 import json
 import logging
+import os
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -53,6 +55,7 @@ log = logging.getLogger("gateway")
 # else is replaced. It never becomes the log event's id: clients must not collide events.
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
 RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to build is tried again this often
+BUILD_SWITCH_INTERVAL = 0.0005  # seconds; sys.setswitchinterval while a snapshot builds
 _HOST_HEADER = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?$")
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -111,7 +114,8 @@ class GatewayApp:
         self._trust_cache: dict[str, bool] = {}
         self._drops_reported = 0
         self._seen: tuple[str, int] = ("", -1)  # the config (epoch, version) last processed
-        self._broken_since: float | None = None  # the last rebuild failed (monotonic time)
+        self._broken_since: float | None = None
+        self._profiler = None  # the last rebuild failed (monotonic time)
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -181,8 +185,17 @@ class GatewayApp:
         gc.collect()
         gc.freeze()
         gc.set_threshold(10_000, 20, 50)
+        if os.environ.get("GATEWAY_PROFILE_FILE"):
+            # bench/run.py --profile: cProfile of the event loop thread, written at shutdown.
+            import cProfile
+
+            self._profiler = cProfile.Profile()
+            self._profiler.enable()
 
     async def shutdown(self) -> None:
+        if self._profiler is not None:
+            self._profiler.disable()
+            self._profiler.dump_stats(f"{os.environ['GATEWAY_PROFILE_FILE']}.{os.getpid()}")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -250,9 +263,13 @@ class GatewayApp:
                     (time.perf_counter() - started) * 1000,
                 )
                 return True
-        try:
-            apis, keys = await self._run_db(load_config, version)
-            snapshot = compile_snapshot(
+
+        def build() -> Snapshot:
+            # Read and compiled in the DB thread: a 10,000-route compile must not stop the
+            # event loop (it only shares the GIL with it). Builds are serial (one thread), so
+            # the target registry is never compiled into twice at once.
+            apis, keys = load_config(version)
+            return compile_snapshot(
                 version,
                 apis,
                 keys,
@@ -261,6 +278,14 @@ class GatewayApp:
                 default_max_body=self.settings.max_body_bytes,
                 targets=self.targets,
             )
+
+        # While the build thread runs, hand the GIL back to the event loop sooner than the
+        # default 5 ms, or every request waits out the build's time slices (bench/snapshot.py:
+        # p99 during rebuilds).
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(BUILD_SWITCH_INTERVAL)
+        try:
+            snapshot = await self._run_db(build)
         except Exception:
             metrics.SNAPSHOT_FAILURES.inc()
             if current is not None:
@@ -271,6 +296,8 @@ class GatewayApp:
                     current.keys.clear()  # no await between these two lines
                     current.keys.update(fresh)
             raise
+        finally:
+            sys.setswitchinterval(interval)
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
         self._seen = (epoch, version)
         self._broken_since = None
@@ -279,7 +306,7 @@ class GatewayApp:
             "config v%s: %d routes, %d keys, built in %.1f ms",
             version,
             len(snapshot.router),
-            len(keys),
+            len(snapshot.keys),
             snapshot.build_seconds * 1000,
         )
         return True

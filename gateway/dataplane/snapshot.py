@@ -181,48 +181,73 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
 
 
 def load_keys(key_ids: set[str] | None) -> dict[str, KeyEntry]:
-    """The usable keys among `key_ids` (None: all of them), as snapshot entries (sync)."""
+    """The usable keys among `key_ids` (None: all of them), as snapshot entries (sync).
+
+    Rows are read as tuples, not model instances (a snapshot holds up to about a million
+    keys: instances would cost four objects a key); plans are few and read once.
+    """
     from portal.models import ApiKey, Plan
 
     rows = (
         ApiKey.objects.filter(revoked_at__isnull=True)
         # A deactivated user's keys stop working with the account.
         .exclude(subscription__consumer__user__is_active=False)
-        .select_related("subscription__plan", "subscription__consumer")
     )
     plans = Plan.objects.prefetch_related("apis")
     if key_ids is not None:
         rows = rows.filter(key_id__in=key_ids)
         plans = plans.filter(subscriptions__keys__key_id__in=key_ids).distinct()
-    plan_apis: dict[int, frozenset[int]] = {
-        plan.pk: frozenset(a.pk for a in plan.apis.all()) for plan in plans
+    plan_info = {
+        plan.pk: (
+            plan.slug,
+            frozenset(a.pk for a in plan.apis.all()),
+            plan.rate_limit_per_minute,
+            plan.quota_limit,
+            plan.quota_period,
+        )
+        for plan in plans
     }
     keys: dict[str, KeyEntry] = {}
-    for k in rows.iterator(chunk_size=2000):
-        sub = k.subscription
-        plan = sub.plan
-        limits: list[LimitRule] = []
-        tag = f"s{sub.pk}"
-        if plan.rate_limit_per_minute:
-            limits.append(
-                LimitRule("rate", f"key:{k.pk}", plan.rate_limit_per_minute, "minute", tag)
-            )
-        if plan.quota_limit:
-            limits.append(
-                LimitRule("quota", f"sub:{sub.pk}", plan.quota_limit, plan.quota_period, tag)
-            )
-        keys[k.key_id] = KeyEntry(
-            pk=k.pk,
-            key_id=k.key_id,
-            digest=k.digest.encode(),
-            expires_at=k.expires_at.timestamp() if k.expires_at else None,
-            consumer_id=sub.consumer_id,
-            organization_id=sub.consumer.organization_id,
-            subscription_id=sub.pk,
-            subscription_status=sub.status,
-            plan_slug=plan.slug,
-            api_ids=plan_apis.get(plan.pk, frozenset()),
-            limits=tuple(limits),
+    quota_rules: dict[int, LimitRule] = {}  # one shared rule object per subscription
+    columns = (
+        "pk",
+        "key_id",
+        "digest",
+        "expires_at",
+        "subscription_id",
+        "subscription__status",
+        "subscription__consumer_id",
+        "subscription__consumer__organization_id",
+        "subscription__plan_id",
+    )
+    for pk, key_id, digest, expires, sub_id, status, consumer, org, plan_id in rows.values_list(
+        *columns
+    ).iterator(chunk_size=5000):
+        info = plan_info.get(plan_id)
+        if info is None:  # a plan created after the plans were read: the next delta has it
+            continue
+        slug, api_ids, rate, quota, period = info
+        tag = f"s{sub_id}"
+        limits: tuple[LimitRule, ...] = ()
+        if rate:
+            limits = (LimitRule("rate", f"key:{pk}", rate, "minute", tag),)
+        if quota:
+            rule = quota_rules.get(sub_id)
+            if rule is None:
+                rule = quota_rules[sub_id] = LimitRule("quota", f"sub:{sub_id}", quota, period, tag)
+            limits = (*limits, rule)
+        keys[key_id] = KeyEntry(
+            pk=pk,
+            key_id=key_id,
+            digest=digest.encode(),
+            expires_at=expires.timestamp() if expires else None,
+            consumer_id=consumer,
+            organization_id=org,
+            subscription_id=sub_id,
+            subscription_status=status,
+            plan_slug=slug,
+            api_ids=api_ids,
+            limits=limits,
         )
     return keys
 
