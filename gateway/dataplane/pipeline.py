@@ -1,7 +1,9 @@
 """The policy pipeline: small stages with pass-through hooks, run in a fixed order.
 
-Order (DESIGN.md): match route -> authenticate -> authorize -> limit -> proxy -> log.
-A route's pipeline holds only the stages it uses, compiled with the snapshot.
+Order (DESIGN.md): match route -> IP allow/deny -> authenticate -> authorize -> limit ->
+proxy (balance, retry, circuit) -> log. A route's pipeline holds only the stages it uses,
+compiled with the snapshot (an anonymous route has no key stages; an API without IP lists
+no IP stage).
 """
 
 from __future__ import annotations
