@@ -180,29 +180,52 @@ def top_consumers(*, granularity: str, since: datetime, limit: int = 10) -> list
 
     Keys are the rollup dimension; a consumer is what owns them (through its
     subscriptions), so several and rotated keys add up. Keys since deleted count under
-    consumer None.
+    consumer None. Ranked in the database (one join of the key rows to their owners, sorted
+    and cut there); only the winners' histograms are read.
     """
-    from portal.models import ApiKey
+    from django.db import connection
 
-    per_key = list(_ranked("key", granularity, since))
-    owner = dict(
-        ApiKey.objects.filter(pk__in=[r["dim_id"] for r in per_key]).values_list(
-            "pk", "subscription__consumer_id"
-        )
+    from portal.models import ApiKey, Subscription
+
+    rollup = connection.ops.quote_name(Rollup._meta.db_table)
+    key_table = connection.ops.quote_name(ApiKey._meta.db_table)
+    sub_table = connection.ops.quote_name(Subscription._meta.db_table)
+    sql = f"""
+        SELECT s.consumer_id, SUM(r.count) AS n,
+               SUM(CASE WHEN r.status_class = 5 THEN r.count ELSE 0 END) AS server_errors
+        FROM {rollup} r
+        LEFT JOIN {key_table} k ON k.id = r.dim_id
+        LEFT JOIN {sub_table} s ON s.id = k.subscription_id
+        WHERE r.granularity = %s AND r.dimension = 'key' AND r.bucket >= %s
+        GROUP BY s.consumer_id
+        ORDER BY n DESC, s.consumer_id IS NULL, s.consumer_id
+        LIMIT %s
+    """  # noqa: S608 - table names from model metadata; every value is a parameter
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [granularity, since, limit])
+        # SUM(bigint) is numeric on PostgreSQL: back to ints.
+        ranked = [(c, int(n), int(e or 0)) for c, n, e in cursor.fetchall()]
+    owners = [c for c, _, _ in ranked if c is not None]
+    keys_of: dict[int | None, list[int]] = {}
+    for pk, consumer in ApiKey.objects.filter(subscription__consumer_id__in=owners).values_list(
+        "pk", "subscription__consumer_id"
+    ):
+        keys_of.setdefault(consumer, []).append(pk)
+    if any(c is None for c, _, _ in ranked):
+        # Rollup rows of keys that no longer exist: the ones no current key owns.
+        known = set(ApiKey.objects.values_list("pk", flat=True))
+        keys_of[None] = [
+            k
+            for k in _ranked("key", granularity, since).values_list("dim_id", flat=True)
+            if k not in known
+        ]
+    histograms = _histograms(
+        "key", granularity, since, (k for c, _, _ in ranked for k in keys_of.get(c, ()))
     )
-    merged: dict[int | None, list] = {}  # consumer -> [requests, 5xx, key ids]
-    for r in per_key:
-        acc = merged.setdefault(owner.get(r["dim_id"]), [0, 0, []])
-        acc[0] += r["n"]
-        acc[1] += r["server_errors"] or 0
-        acc[2].append(r["dim_id"])
-    ranked = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0] is None, kv[0] or 0))
-    ranked = ranked[:limit]
-    histograms = _histograms("key", granularity, since, (k for _, acc in ranked for k in acc[2]))
     out = []
-    for consumer_id, (n, server_errors, keys) in ranked:
+    for consumer_id, n, server_errors in ranked:
         histogram = [0] * len(HISTOGRAM_FIELDS)
-        for k in keys:
+        for k in keys_of.get(consumer_id, ()):
             for j, v in enumerate(histograms.get(k, ())):
                 histogram[j] += v
         out.append(
