@@ -30,7 +30,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+
+from benchutil import free_port  # noqa: E402 - bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -225,12 +226,6 @@ def wait_quiet(cores: tuple[int, int], timeout: float) -> float:
             return other
         log(f"other processes use {other:.0f}% of a core; waiting for a quiet machine")
         time.sleep(4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

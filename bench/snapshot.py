@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,14 +33,10 @@ import tracemalloc
 import urllib.request
 from pathlib import Path
 
+from benchutil import SERVER_VARIABLES, embedded_env, free_port  # noqa: E402 - bench/ is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, headers: dict, timeout: float = 120) -> None:
@@ -339,15 +334,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="apigw-snapshot-bench-"))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
-        and not k.startswith("GATEWAY_")
-    }
-    env.update(VAR_DIR=str(tmp), PYTHONUNBUFFERED="1", LOG_LEVEL="INFO")
+    env = embedded_env(str(tmp), LOG_LEVEL="INFO")
     os.environ.update(env)
-    for k in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"):
+    for k in SERVER_VARIABLES:
         os.environ.pop(k, None)
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")

@@ -17,13 +17,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from benchutil import embedded_env, free_port  # noqa: E402 - bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -40,12 +41,6 @@ with transaction.atomic():
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def memory(pid: int, field: str) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
@@ -60,16 +55,9 @@ def main() -> None:
         print("(stream bench skipped: curl is not installed)")
         return
     tmp = Path(tempfile.mkdtemp(prefix="apigw-stream-bench-"))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
-        and not k.startswith("GATEWAY_")
-    }
     up_port, gw_port = free_port(), free_port()
-    env.update(
-        VAR_DIR=str(tmp),
-        PYTHONUNBUFFERED="1",
+    env = embedded_env(
+        str(tmp),
         GATEWAY_BIND=f"127.0.0.1:{gw_port}",
         GATEWAY_OPS_BIND=f"127.0.0.1:{free_port()}",
     )

@@ -66,28 +66,32 @@ def test_admin_approves_pending_subscriptions(admin_client, developer, catalog):
     assert Subscription.objects.get(pk=sub.pk).status == "active"
 
 
+def _api_form(catalog, **overrides) -> dict:
+    """The API admin form for /demo on the catalog's upstream, with no inline rows."""
+    form = {
+        "description": "",
+        "path_prefix": "/demo",
+        "upstream": catalog.upstream.pk,
+        "key_header": "X-API-Key",
+        "limiter_failure": "open",
+        "version_scheme": "none",
+        "version_header": "API-Version",
+        "version_query": "version",
+        "routes-TOTAL_FORMS": "0",
+        "routes-INITIAL_FORMS": "0",
+        "versions-TOTAL_FORMS": "0",
+        "versions-INITIAL_FORMS": "0",
+    }
+    form.update(overrides)
+    return form
+
+
 def test_admin_edit_of_an_api_bumps_the_config(admin_client, catalog):
     before = config_current_version()
     api = catalog.api
     resp = admin_client.post(
         reverse("admin:gateway_api_change", args=[api.pk]),
-        {
-            "name": "Demo renamed",
-            "slug": api.slug,
-            "description": "",
-            "path_prefix": "/demo",
-            "upstream": api.upstream_id,
-            "is_published": "on",
-            "key_header": "X-API-Key",
-            "limiter_failure": "open",
-            "version_scheme": "none",
-            "version_header": "API-Version",
-            "version_query": "version",
-            "routes-TOTAL_FORMS": "0",
-            "routes-INITIAL_FORMS": "0",
-            "versions-TOTAL_FORMS": "0",
-            "versions-INITIAL_FORMS": "0",
-        },
+        _api_form(catalog, name="Demo renamed", slug=api.slug, is_published="on"),
     )
     assert resp.status_code == 302, resp.content[:2000]
     assert Api.objects.get(pk=api.pk).name == "Demo renamed"
@@ -207,22 +211,7 @@ def test_admin_saves_a_templated_route_with_a_rewrite(admin_client, catalog):
 
 
 def test_two_apis_may_share_a_prefix_only_on_different_hosts(admin_client, catalog):
-    form = {
-        "name": "Demo EU",
-        "slug": "demo-eu",
-        "path_prefix": "/demo",
-        "hosts": "",
-        "upstream": catalog.upstream.pk,
-        "key_header": "X-API-Key",
-        "limiter_failure": "open",
-        "version_scheme": "none",
-        "version_header": "API-Version",
-        "version_query": "version",
-        "routes-TOTAL_FORMS": "0",
-        "routes-INITIAL_FORMS": "0",
-        "versions-TOTAL_FORMS": "0",
-        "versions-INITIAL_FORMS": "0",
-    }
+    form = _api_form(catalog, name="Demo EU", slug="demo-eu", hosts="")
     resp = admin_client.post(reverse("admin:gateway_api_add"), form)
     assert resp.status_code == 200
     assert "already serves /demo" in str(resp.context["adminform"].form.errors)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from analytics.ingest import ingest_batch
 from analytics.selectors import top, top_consumers, top_window, usage_series
 from tests.conftest import active_key
+from tests.test_ingest import event
 
 pytestmark = pytest.mark.django_db
 
@@ -17,23 +17,7 @@ NOW = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
 
 
 def _event(key: int | None, *, status: int = 200, ms: float = 3.0, t: datetime = NOW) -> dict:
-    return {
-        "id": uuid.uuid4().hex,
-        "t": t.timestamp(),
-        "api": 1,
-        "route": 1,
-        "route_path": "/",
-        "consumer": None,
-        "key": key,
-        "org": None,
-        "method": "GET",
-        "status": status,
-        "ms": ms,
-        "up_ms": None,
-        "in": 0,
-        "out": 10,
-        "err": "",
-    }
+    return event(key, status, t.timestamp(), ms=ms)
 
 
 def test_series_reports_the_5xx_share_as_error_rate():

@@ -171,8 +171,10 @@ def test_client_address_behind_trusted_proxies_is_the_rightmost_untrusted_hop(db
     import dataclasses
     import ipaddress
 
+    from gateway.dataplane.networks import Networks
+
     app = GatewayApp(dataclasses.replace(load_settings(), trusted_proxies=("10.0.0.0/8",)))
-    app._trusted_proxies = tuple(ipaddress.ip_network(n) for n in app.settings.trusted_proxies)
+    app._trusted_proxies = Networks(ipaddress.ip_network(n) for n in app.settings.trusted_proxies)
     chain = [(b"x-forwarded-for", b"6.6.6.6, 203.0.113.9, 10.0.0.2")]
     assert app._is_trusted("10.0.0.1") and not app._is_trusted("203.0.113.9")
     # 6.6.6.6 could be forged by the client; 203.0.113.9 is what our proxies saw.

@@ -30,6 +30,7 @@ from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redis_client
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
 from gateway.dataplane.metrics import MetricsStage
+from gateway.dataplane.networks import Networks
 from gateway.dataplane.problems import problem
 from gateway.dataplane.router import MethodNotAllowed, normalize_path
 from gateway.dataplane.settings import GatewaySettings, load_settings
@@ -47,7 +48,7 @@ from gateway.dataplane.stages.authorize import AuthorizeStage
 from gateway.dataplane.stages.ip_policy import IpPolicyStage
 from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
-from gateway.dataplane.stages.proxy import ProxyHandler, body_too_large
+from gateway.dataplane.stages.proxy import HOST_VALUE, ProxyHandler, body_too_large
 
 log = logging.getLogger("gateway")
 
@@ -56,7 +57,6 @@ log = logging.getLogger("gateway")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
 RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to build is tried again this often
 BUILD_SWITCH_INTERVAL = 0.0005  # seconds; sys.setswitchinterval while a snapshot builds
-_HOST_HEADER = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?$")
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -108,14 +108,13 @@ class GatewayApp:
         self._errors = ThrottledLog(log, interval=1.0)
         self.metrics_stage = MetricsStage()
         self._ops_port = -1
-        self._trusted_proxies: tuple = ()
+        self._trusted_proxies = Networks(())
         self.targets = TargetRegistry()  # per-worker target state, kept across snapshots
         self.health = HealthChecker(self._get_session)
-        self._trust_cache: dict[str, bool] = {}
         self._drops_reported = 0
         self._seen: tuple[str, int] = ("", -1)  # the config (epoch, version) last processed
-        self._broken_since: float | None = None
-        self._profiler = None  # the last rebuild failed (monotonic time)
+        self._broken_since: float | None = None  # the last rebuild failed (monotonic time)
+        self._profiler = None
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -147,7 +146,7 @@ class GatewayApp:
     async def startup(self) -> None:
         s = self.settings = self.settings or load_settings()
         self._ops_port = s.ops_port
-        self._trusted_proxies = tuple(ipaddress.ip_network(n) for n in s.trusted_proxies)
+        self._trusted_proxies = Networks(ipaddress.ip_network(n) for n in s.trusted_proxies)
         connector = aiohttp.TCPConnector(
             limit=s.upstream_pool_size, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=60
         )
@@ -520,7 +519,7 @@ class GatewayApp:
                 # Routing reads one Host, forwarding another, if there are two (RFC 9112
                 # §3.2: 400); an odd one could break out of Forwarded's quoted host.
                 hosts += 1
-                if hosts > 1 or not _HOST_HEADER.match(v):
+                if hosts > 1 or not HOST_VALUE.match(v):
                     ctx.bad_host = True
             elif k == b"x-request-id" and ctx.request_id_generated and _REQUEST_ID.match(v):
                 ctx.request_id = v.decode()
@@ -605,19 +604,8 @@ class GatewayApp:
 
     # --- who the client is ---------------------------------------------------------------------
     def _is_trusted(self, ip: str) -> bool:
-        """Is this peer one of GATEWAY_TRUSTED_PROXIES? (Cached: peers are few.)"""
-        cache = self._trust_cache
-        found = cache.get(ip)
-        if found is None:
-            try:
-                addr = ipaddress.ip_address(ip)
-                found = any(addr in net for net in self._trusted_proxies)
-            except ValueError:
-                found = False
-            if len(cache) > 10_000:
-                cache.clear()
-            cache[ip] = found
-        return found
+        """Is this peer one of GATEWAY_TRUSTED_PROXIES?"""
+        return self._trusted_proxies.lookup(ip) is True
 
     def _forwarded_client(self, headers) -> str:
         """The client a chain of trusted proxies forwarded for: the rightmost X-Forwarded-For
@@ -629,11 +617,10 @@ class GatewayApp:
         for hop in reversed(chain):
             if not hop:
                 continue
-            try:
-                ipaddress.ip_address(hop)
-            except ValueError:
+            trusted = self._trusted_proxies.lookup(hop)
+            if trusted is None:
                 return ""  # garbage in the chain: fall back to the peer
-            if not self._is_trusted(hop):
+            if not trusted:
                 return hop
         return chain[0] if chain else ""
 

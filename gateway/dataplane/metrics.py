@@ -7,6 +7,8 @@ all. Labels are bounded: API slug and status class, never a key or consumer (car
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -107,8 +109,6 @@ class MetricsStage(Stage):
 
 def report_targets(upstreams) -> None:
     """Set the per-target gauges (labels: upstream name and host:port; targets are few)."""
-    import time
-
     now = time.monotonic()
     for up in upstreams:
         for t in up.balancer.targets:

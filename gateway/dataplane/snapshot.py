@@ -37,7 +37,7 @@ class UpstreamEntry:
     timeout: aiohttp.ClientTimeout | None = None
     balancer: Balancer | None = None
     health: HealthConfig | None = None  # active checks; None: off
-    ssl: ssl.SSLContext | bool | None = None  # aiohttp's ssl= (None: plain http default)
+    ssl: ssl.SSLContext | bool = True  # aiohttp's ssl= (True: default verification)
     ssl_key: tuple = ()
     server_hostname: str | None = None  # SNI / certificate name when not the target host
 
@@ -319,11 +319,11 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
     for version, version_segment, condition in variants:
         up = route.upstream or (version.upstream if version else None) or api.upstream
         base = api_segments + version_segment
+        entry_up = upstream_entry(up)
         connect = route.connect_timeout
         read = route.read_timeout
         timeout = None
         if connect is not None or read is not None or route.timeout is not None:
-            entry_up = upstream_entry(up)
             timeout = aiohttp.ClientTimeout(
                 total=route.timeout,
                 sock_connect=connect if connect is not None else entry_up.connect_timeout,
@@ -339,7 +339,7 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
                 key_header=api.key_header.lower().encode(),
                 key_header_label=api.key_header,
                 fail_closed=api.limiter_failure == "closed",
-                upstream=upstream_entry(up),
+                upstream=entry_up,
                 kind=pattern.kind,
                 segments=base + pattern.segments,
                 param_names=pattern.params if pattern.kind != "regex" else (),
@@ -436,7 +436,7 @@ def compile_upstream(up, registry: TargetRegistry) -> UpstreamEntry:
             healthy_threshold=up.healthy_threshold,
             unhealthy_threshold=up.unhealthy_threshold,
         )
-    tls = None
+    tls: ssl.SSLContext | bool = True
     ssl_key: tuple = ()
     if up.scheme == "https":
         files = (up.tls_ca_file, up.tls_client_cert, up.tls_client_key)

@@ -64,8 +64,22 @@ _VIA_RESPONSE = (b"via", VIA.encode())
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
-# A Host (or trusted X-Forwarded-Host) value that is safe inside a Forwarded quoted-string.
-_HOST_VALUE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?$")
+# host[:port] (or [v6]:port): what a Host or a trusted X-Forwarded-Host may be, so that it is
+# also safe inside Forwarded's quoted host. app.py refuses requests whose Host is not.
+HOST_VALUE = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?$")
+# Inbound headers that are dropped but read to build the gateway's own versions.
+_REWRITTEN = frozenset(
+    {
+        b"host",
+        b"via",
+        b"traceparent",
+        b"tracestate",
+        b"x-forwarded-for",
+        b"forwarded",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
 
 
 class BodyTooLarge(Exception):
@@ -113,32 +127,19 @@ class ProxyHandler:
             if k == b"connection":  # fields it names are hop-by-hop too (RFC 9110 §7.6.1)
                 drop = drop | {t.strip().lower() for t in v.split(b",")}
         pairs: list[tuple[str, str]] = []
-        forwarded_for = forwarded = forwarded_proto = forwarded_host = None
-        host = via = traceparent = tracestate = None
+        seen: dict[bytes, bytes] = {}  # the dropped headers that the gateway rewrites
         strip_bearer = ctx.credential == "bearer" and not self.forward_credential
         for k, v in scope_headers:
             name = k.replace(b"_", b"-") if b"_" in k else k
             if name in drop or name.startswith(_ASSERTED_PREFIX):
-                if k == b"host":
-                    host = v
-                elif k == b"via":
-                    via = v
-                elif k == b"traceparent":
-                    traceparent = v
-                elif k == b"tracestate":
-                    tracestate = v
-                elif k == b"x-forwarded-for":
-                    forwarded_for = v
-                elif k == b"forwarded":
-                    forwarded = v
-                elif k == b"x-forwarded-proto":
-                    forwarded_proto = v
-                elif k == b"x-forwarded-host":
-                    forwarded_host = v
+                if k in _REWRITTEN:
+                    seen[k] = v
                 continue
             if strip_bearer and k == b"authorization" and v[:7].lower() == b"bearer ":
                 continue  # the key came as a bearer token: do not pass it on
             pairs.append((k.decode("latin-1"), v.decode("latin-1")))
+        host = seen.get(b"host")
+        forwarded = None
         out = CIMultiDict(pairs)
         peer = ctx.peer_ip
         proto = ctx.scope.get("scheme", "http")
@@ -146,16 +147,18 @@ class ProxyHandler:
         if ctx.trusted_peer:
             # A configured proxy in front of us: its view of the client, scheme and host
             # holds, and we add ourselves to the chain.
-            chain = forwarded_for.decode("latin-1") if forwarded_for else ""
+            forwarded = seen.get(b"forwarded")
+            chain = seen.get(b"x-forwarded-for", b"").decode("latin-1")
             out["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+            forwarded_proto = seen.get(b"x-forwarded-proto")
             if forwarded_proto:
                 proto = forwarded_proto.decode("latin-1")
-            if forwarded_host and _HOST_VALUE.match(forwarded_host.decode("latin-1")):
+            forwarded_host = seen.get(b"x-forwarded-host")
+            if forwarded_host and HOST_VALUE.match(forwarded_host):
                 public_host = forwarded_host.decode("latin-1")
         else:
             # Anyone else's forwarding headers are dropped: they would let a client pose as
             # another address (X-Forwarded-For feeds IP policies and logs upstream).
-            forwarded = None
             out["X-Forwarded-For"] = peer
         out["X-Forwarded-Proto"] = proto
         if public_host:
@@ -163,16 +166,18 @@ class ProxyHandler:
         if proto not in ("http", "https"):
             proto = ctx.scope.get("scheme", "http")  # a trusted proxy's odd value: ours
         element = f"for={_forwarded_node(peer)};proto={proto}"
-        if public_host and _HOST_VALUE.match(public_host):
+        if public_host:  # the Host was checked on arrival (app.py), a forwarded one above
             element += f';host="{public_host}"'
         out["Forwarded"] = f"{forwarded.decode('latin-1')}, {element}" if forwarded else element
+        via = seen.get(b"via")
         out["Via"] = f"{via.decode('latin-1')}, {VIA}" if via else VIA
         if self.preserve_host and host is not None:
             out["Host"] = host.decode("latin-1")
+        traceparent = seen.get(b"traceparent")
         if traceparent is not None and valid_traceparent(traceparent):
             out["traceparent"] = traceparent.decode("latin-1").strip()
-            if tracestate is not None:
-                out["tracestate"] = tracestate.decode("latin-1")
+            if b"tracestate" in seen:
+                out["tracestate"] = seen[b"tracestate"].decode("latin-1")
         else:
             # Start a trace; when the request id is ours, it is the trace id as well, so
             # that one id finds the request in the gateway's log and in the upstream's traces.
@@ -324,7 +329,7 @@ class ProxyHandler:
                 data=data,
                 allow_redirects=False,
                 timeout=timeout,
-                ssl=upstream.ssl if upstream.ssl is not None else True,
+                ssl=upstream.ssl,
                 server_hostname=upstream.server_hostname,
             ) as resp:
                 ctx.upstream_latency = time.perf_counter() - sent

@@ -1,0 +1,26 @@
+"""What the bench scripts share: a free loopback port, the embedded-defaults environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+SERVER_VARIABLES = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def embedded_env(var_dir: str, **extra: str) -> dict[str, str]:
+    """This environment without servers or GATEWAY_* settings: the embedded defaults, with
+    local state in `var_dir`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in SERVER_VARIABLES and not k.startswith("GATEWAY_")
+    }
+    env.update(VAR_DIR=var_dir, PYTHONUNBUFFERED="1", **extra)
+    return env
