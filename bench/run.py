@@ -373,12 +373,12 @@ BENCH_PLAN = """\
 from django.db import transaction
 from gateway.config import config_bump
 from gateway.models import Api, Route
-from portal.models import Plan
+from portal.models import Plan, RateLimit
 with transaction.atomic():
     plan, _ = Plan.objects.get_or_create(
-        slug="bench",
-        defaults={"name": "Bench", "rate_limit_per_minute": 10**9, "quota_limit": 2**31 - 1},
+        slug="bench", defaults={"name": "Bench", "quota_limit": 2**31 - 1}
     )
+    RateLimit.objects.get_or_create(plan=plan, defaults={"limit": 10**9, "window": "minute"})
     demo = Api.objects.get(slug="demo")
     plan.apis.add(demo)
     bare = Api.objects.create(name="Bare", slug="bare", path_prefix="/bare", upstream=demo.upstream)

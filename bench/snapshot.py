@@ -61,7 +61,7 @@ def populate(n_routes: int, n_keys: int, upstream_port: int) -> str:
     from gateway.config import config_bump
     from gateway.models import Api, Route, Target, Upstream
     from portal.keys import key_digest, key_issue
-    from portal.models import ApiKey, Consumer, Plan, Subscription, User
+    from portal.models import ApiKey, Consumer, Plan, RateLimit, Subscription, User
 
     n_apis = 100
     with transaction.atomic():
@@ -82,7 +82,8 @@ def populate(n_routes: int, n_keys: int, upstream_port: int) -> str:
             )
             for k in range(n_routes - 1)
         )
-        plan = Plan.objects.create(name="Bench", slug="bench", rate_limit_per_minute=10**9)
+        plan = Plan.objects.create(name="Bench", slug="bench")
+        RateLimit.objects.create(plan=plan, limit=10**9, window="minute")
         plan.apis.add(demo, *apis)
         n_consumers = max(1, n_keys // 100)
         unusable = make_password(None)  # nobody signs in as these

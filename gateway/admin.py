@@ -4,7 +4,8 @@ from django.contrib import admin
 from django.db import models
 
 from gateway.admin_mixins import ConfigChangeAdmin
-from gateway.models import Api, ApiVersion, ConfigVersion, Route, Target, Upstream
+from gateway.models import Api, ApiVersion, ConfigVersion, JwtIssuer, Route, Target, Upstream
+from portal.models import RateLimit
 
 
 class TargetInline(admin.TabularInline):
@@ -78,6 +79,12 @@ class RouteInline(admin.TabularInline):
     show_change_link = True  # hosts, headers, rewrite, timeouts: on the route's own page
 
 
+class JwtIssuerInline(admin.StackedInline):
+    model = JwtIssuer
+    extra = 0
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+
+
 class ApiVersionInline(admin.TabularInline):
     model = ApiVersion
     extra = 0
@@ -113,6 +120,7 @@ class ApiAdmin(ConfigChangeAdmin):
             "Credentials and limits",
             {
                 "fields": [
+                    "auth_methods",
                     "key_header",
                     "key_query_param",
                     "forward_credential",
@@ -122,7 +130,18 @@ class ApiAdmin(ConfigChangeAdmin):
         ),
         ("Client addresses", {"fields": ["ip_allow", "ip_deny"]}),
     ]
-    inlines = [ApiVersionInline, RouteInline]
+    inlines = [ApiVersionInline, RouteInline, JwtIssuerInline]
+
+
+class RouteRateLimitInline(admin.TabularInline):
+    model = RateLimit
+    fk_name = "route"
+    extra = 0
+    fields = ["plan", "scope", "limit", "window", "burst"]
+    verbose_name_plural = (
+        "Rate limits on this route (with a plan: overrides that plan's rule of the same "
+        "scope and window; without: for every caller)"
+    )
 
 
 @admin.register(Route)
@@ -156,6 +175,7 @@ class RouteAdmin(ConfigChangeAdmin):
                     "version",
                     "priority",
                     "anonymous",
+                    "required_scopes",
                 ],
                 "description": "Most specific first: host, then path (exact, regex, deepest "
                 "prefix; literal segments before {params}), then conditions and methods, "
@@ -179,6 +199,7 @@ class RouteAdmin(ConfigChangeAdmin):
             },
         ),
     ]
+    inlines = [RouteRateLimitInline]
 
 
 @admin.register(ConfigVersion)

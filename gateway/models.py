@@ -281,6 +281,18 @@ class Api(models.Model):
         help_text="These client networks may not call, even when allowed above.",
     )
 
+    class AuthMethods(models.TextChoices):
+        KEY = "key", "API keys"
+        JWT = "jwt", "JWTs from trusted issuers"
+        ANY = "any", "API keys or JWTs"
+
+    auth_methods = models.CharField(
+        max_length=3,
+        choices=AuthMethods.choices,
+        default=AuthMethods.KEY,
+        help_text="Which credentials identify the caller (JWT issuers are listed below).",
+    )
+
     class LimiterFailure(models.TextChoices):
         OPEN = "open", "Let requests through (counted in metrics)"
         CLOSED = "closed", "Refuse with 503 and Retry-After"
@@ -397,6 +409,12 @@ class Route(models.Model):
     priority = models.IntegerField(
         default=0, help_text="Higher first, between routes that are equally specific."
     )
+    required_scopes = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Space-separated scopes a credential must hold for this route (the JWT "
+        "scope/scp claim, or the key's scopes); 403 otherwise.",
+    )
     anonymous = models.BooleanField(
         default=False,
         help_text="Public: no credential is asked for and no per-key limit applies. Every "
@@ -476,3 +494,74 @@ class Route(models.Model):
             raise ValidationError({exc.field: exc.message}) from None
         if self.version_id and self.api_id and self.version.api_id != self.api_id:
             raise ValidationError({"version": "A version of another API."})
+
+
+class JwtIssuer(models.Model):
+    """An identity provider whose tokens an API trusts (RFC 7519, RFC 8725 checks)."""
+
+    api = models.ForeignKey(Api, related_name="jwt_issuers", on_delete=models.CASCADE)
+    issuer = models.CharField(max_length=500, help_text="The exact `iss` of its tokens.")
+    algorithms = models.CharField(
+        max_length=100,
+        default="RS256",
+        help_text="Comma-separated allow-list: RS256, ES256, EdDSA, HS256. 'none' never is.",
+    )
+    jwks_url = models.URLField(
+        max_length=500,
+        blank=True,
+        help_text="Public keys, fetched in the background and refreshed (an unknown kid "
+        "triggers one rate-limited refetch).",
+    )
+    static_jwks = models.JSONField(
+        null=True,
+        blank=True,
+        help_text='Keys as a JWKS document {"keys": [...]}, e.g. an "oct" key for HS256.',
+    )
+    audiences = models.CharField(
+        max_length=500, blank=True, help_text="Comma-separated; the token's aud must hold one."
+    )
+    leeway = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(0), MaxValueValidator(600)],
+        help_text="Seconds of clock skew allowed for exp, nbf and iat.",
+    )
+    typ = models.CharField(
+        max_length=50, blank=True, help_text="Required JOSE typ header, e.g. at+jwt."
+    )
+    consumer_claim = models.CharField(
+        max_length=100,
+        default="sub",
+        help_text="The claim whose value is a consumer's external id.",
+    )
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        verbose_name = "JWT issuer"
+        constraints = [models.UniqueConstraint(fields=["api", "issuer"], name="jwt_issuer_unique")]
+
+    def __str__(self) -> str:
+        return self.issuer
+
+    def provider_config(self):
+        """This issuer as the data plane's verifier configuration."""
+        from gateway.dataplane.jwt import ProviderConfig
+
+        return ProviderConfig(
+            issuer=self.issuer,
+            algorithms=tuple(a.strip() for a in self.algorithms.split(",") if a.strip()),
+            audiences=tuple(a.strip() for a in self.audiences.split(",") if a.strip()),
+            leeway=self.leeway,
+            typ=self.typ,
+            jwks_url=self.jwks_url,
+            static_jwks=self.static_jwks,
+            consumer_claim=self.consumer_claim,
+        )
+
+    def clean(self) -> None:
+        """Refuse what the verifier could not use."""
+        from gateway.dataplane.jwt import validate_provider
+
+        try:
+            validate_provider(self.provider_config())
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None

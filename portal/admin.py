@@ -12,6 +12,7 @@ from portal.models import (
     Membership,
     Organization,
     Plan,
+    RateLimit,
     Subscription,
     User,
 )
@@ -59,12 +60,21 @@ class ConsumerAdmin(ConfigChangeAdmin):
     autocomplete_fields = ["user", "organization"]
 
 
+class PlanRateLimitInline(admin.TabularInline):
+    model = RateLimit
+    fk_name = "plan"
+    extra = 0
+    fields = ["scope", "limit", "window", "burst", "route"]
+    raw_id_fields = ["route"]
+    verbose_name_plural = "Rate limits (a route: only there, instead of the plan-wide rule)"
+
+
 @admin.register(Plan)
 class PlanAdmin(ConfigChangeAdmin):
     list_display = [
         "name",
         "slug",
-        "rate_limit_per_minute",
+        "limits",
         "quota_limit",
         "quota_period",
         "requires_approval",
@@ -75,13 +85,18 @@ class PlanAdmin(ConfigChangeAdmin):
     search_fields = ["name", "slug"]
     filter_horizontal = ["apis"]
     prepopulated_fields = {"slug": ["name"]}
+    inlines = [PlanRateLimitInline]
+
+    @admin.display(description="Rate limits")
+    def limits(self, obj: Plan) -> str:
+        return ", ".join(str(r) for r in obj.rate_limits.all() if r.route_id is None) or "—"
 
     @admin.display(description="APIs")
     def api_list(self, obj: Plan) -> str:
         return ", ".join(a.name for a in obj.apis.all()) or "—"
 
     def get_queryset(self, request):
-        return super().get_queryset(request).prefetch_related("apis")
+        return super().get_queryset(request).prefetch_related("apis", "rate_limits")
 
 
 def _bulk(modeladmin, request, queryset, action, verb: str) -> None:

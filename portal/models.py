@@ -6,6 +6,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -58,6 +59,14 @@ class Consumer(models.Model):
     organization = models.OneToOneField(
         Organization, null=True, blank=True, on_delete=models.CASCADE
     )
+    external_id = models.CharField(
+        max_length=255,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="The identity claim (e.g. sub) of this consumer's JWTs, for APIs that "
+        "accept tokens from a trusted issuer.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -91,9 +100,6 @@ class Plan(models.Model):
     slug = models.SlugField(unique=True)
     description = models.TextField(blank=True)
     apis = models.ManyToManyField("gateway.Api", related_name="plans", blank=True)
-    rate_limit_per_minute = models.PositiveIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1)], help_text="Empty: no limit."
-    )
     quota_limit = models.PositiveIntegerField(
         null=True, blank=True, validators=[MinValueValidator(1)], help_text="Empty: no quota."
     )
@@ -113,6 +119,91 @@ class Plan(models.Model):
     def quota_period_start(self, now: datetime) -> datetime:
         """Start of the UTC calendar day or month that `now` falls in."""
         return quota_period_bounds(self.quota_period, now)[0]
+
+
+class RateLimit(models.Model):
+    """A rate limit: `limit` requests per window, spread evenly, plus up to `burst` at once.
+
+    It is GCRA (nginx's limit_req with burst): one request every window/limit, and up to
+    `burst` more ahead of that pace, so any interval of one window admits at most
+    limit + burst requests. Where it applies:
+    - plan, no route: every request under the plan (counted across its APIs);
+    - plan and route: requests under the plan on that route, instead of the plan's rule of
+      the same scope and window (a per-route override, with its own counter);
+    - route, no plan: every request on that route (on anonymous routes, by client IP only).
+    """
+
+    class Scope(models.TextChoices):
+        KEY = "key", "Per API key"
+        CONSUMER = "consumer", "Per consumer (all of its keys)"
+        ORGANIZATION = "organization", "Per organization (its keys; else per consumer)"
+        CLIENT_IP = "client_ip", "Per client IP address"
+
+    class Window(models.TextChoices):
+        SECOND = "second", "second"
+        MINUTE = "minute", "minute"
+        HOUR = "hour", "hour"
+
+    plan = models.ForeignKey(
+        Plan, null=True, blank=True, related_name="rate_limits", on_delete=models.CASCADE
+    )
+    route = models.ForeignKey(
+        "gateway.Route",
+        null=True,
+        blank=True,
+        related_name="rate_limits",
+        on_delete=models.CASCADE,
+        help_text="Only on this route (overriding the plan's rule of the same scope and window).",
+    )
+    scope = models.CharField(max_length=12, choices=Scope.choices, default=Scope.KEY)
+    limit = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    window = models.CharField(max_length=6, choices=Window.choices, default=Window.MINUTE)
+    burst = models.PositiveIntegerField(
+        default=0,
+        help_text="Requests allowed at once above the even pace; any one window admits at "
+        "most limit + burst.",
+    )
+
+    class Meta:
+        ordering = ["plan", "route", "scope", "window"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(plan__isnull=False) | Q(route__isnull=False),
+                name="rate_limit_has_plan_or_route",
+            ),
+            models.UniqueConstraint(
+                fields=["plan", "route", "scope", "window"],
+                name="rate_limit_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        burst = f" + {self.burst} burst" if self.burst else ""
+        return f"{self.limit}/{self.window}{burst} per {SCOPE_NOUN[self.scope]}"
+
+    def clean(self) -> None:
+        # In an admin inline the parent may be unsaved yet: look at the objects, not the ids.
+        plan = self.plan if self.plan_id or "plan" in self._state.fields_cache else None
+        route = self.route if self.route_id or "route" in self._state.fields_cache else None
+        if plan is None and route is None:
+            raise ValidationError("A rate limit belongs to a plan, a route, or both.")
+        if plan is None and route is not None and route.anonymous and self.scope != "client_ip":
+            raise ValidationError(
+                {"scope": "Anonymous routes have no key or consumer: limit them per client IP."}
+            )
+        twins = RateLimit.objects.filter(
+            plan_id=self.plan_id, route_id=self.route_id, scope=self.scope, window=self.window
+        ).exclude(pk=self.pk)
+        if twins.exists():  # the unique constraint does not see rows whose plan or route is null
+            raise ValidationError(f"There is a {self.window} limit per {self.scope} here already.")
+
+
+SCOPE_NOUN = {
+    "key": "key",
+    "consumer": "consumer",
+    "organization": "organization",
+    "client_ip": "client IP",
+}
 
 
 def quota_period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
@@ -172,6 +263,11 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    scopes = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Space-separated scopes this key holds, for routes that require scopes.",
+    )
 
     class Meta:
         verbose_name = "API key"

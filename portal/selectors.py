@@ -28,7 +28,7 @@ def consumer_subscriptions(consumer: Consumer) -> QuerySet[Subscription]:
 
 
 def public_plans() -> QuerySet[Plan]:
-    return Plan.objects.filter(is_public=True).prefetch_related("apis")
+    return Plan.objects.filter(is_public=True).prefetch_related("apis", "rate_limits")
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,19 @@ def subscription_create(consumer: Consumer, *, plan: Plan, actor=None) -> Subscr
             decided_at=None if plan.requires_approval else timezone.now(),
         )
         audit_record(actor=actor, action="subscription_create", target=sub, status=status)
-        config_bump(actor=actor, reason=f"subscription {sub.pk} created ({status})", key_ids=[])
+        config_bump(
+            actor=actor,
+            reason=f"subscription {sub.pk} created ({status})",
+            key_ids=_changed_keys(sub, []),
+        )
     return sub
+
+
+def _changed_keys(sub: Subscription, key_ids):
+    """The key delta of a subscription change; None (a rebuild) when the consumer also calls
+    with JWTs: its token identity lives in the snapshot, not in a key entry."""
+    has_identity = Consumer.objects.filter(pk=sub.consumer_id, external_id__isnull=False).exists()
+    return None if has_identity else key_ids
 
 
 def _decide(sub: Subscription, *, status: str, actor, allowed_from: set[str]) -> Subscription:
@@ -50,7 +61,7 @@ def _decide(sub: Subscription, *, status: str, actor, allowed_from: set[str]) ->
         config_bump(
             actor=actor,
             reason=f"subscription {sub.pk} {status}",
-            key_ids=sub.keys.values_list("key_id", flat=True),
+            key_ids=_changed_keys(sub, sub.keys.values_list("key_id", flat=True)),
         )
     return sub
 

@@ -64,16 +64,15 @@ def make_catalog(upstream_port: int = 9) -> Catalog:
 
     from gateway.config import config_bump
     from gateway.models import Api, Route, Target, Upstream
-    from portal.models import Plan
+    from portal.models import Plan, RateLimit
 
     with transaction.atomic():
         upstream = Upstream.objects.create(name="echo", read_timeout=5, connect_timeout=2)
         Target.objects.create(upstream=upstream, host="127.0.0.1", port=upstream_port)
         api = Api.objects.create(name="Demo", slug="demo", path_prefix="/demo", upstream=upstream)
         route = Route.objects.create(api=api, name="all", path="/")
-        free = Plan.objects.create(
-            name="Free", slug="free", rate_limit_per_minute=1000, quota_limit=10_000
-        )
+        free = Plan.objects.create(name="Free", slug="free", quota_limit=10_000)
+        RateLimit.objects.create(plan=free, limit=1000, window="minute", burst=999)
         pro = Plan.objects.create(name="Pro", slug="pro", requires_approval=True)
         free.apis.add(api)
         pro.apis.add(api)
@@ -84,6 +83,33 @@ def make_catalog(upstream_port: int = 9) -> Catalog:
 @pytest.fixture
 def catalog(db) -> Catalog:
     return make_catalog()
+
+
+def set_rate_limit(
+    *,
+    limit: int,
+    window: str = "minute",
+    burst: int | None = None,
+    scope: str = "key",
+    plan=None,
+    route=None,
+) -> None:
+    """Put one rate limit in place of the rule of the same scope and window, with a config
+    bump; `burst` defaults to limit - 1 (the whole window's worth at once)."""
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from portal.models import RateLimit
+
+    with transaction.atomic():
+        RateLimit.objects.update_or_create(
+            plan=plan,
+            route=route,
+            scope=scope,
+            window=window,
+            defaults={"limit": limit, "burst": limit - 1 if burst is None else burst},
+        )
+        config_bump(reason=f"rate limit {limit}/{window}")
 
 
 def active_key(user, plan, *, name: str = "test"):

@@ -81,6 +81,9 @@ def _api_form(catalog, **overrides) -> dict:
         "routes-INITIAL_FORMS": "0",
         "versions-TOTAL_FORMS": "0",
         "versions-INITIAL_FORMS": "0",
+        "jwt_issuers-TOTAL_FORMS": "0",
+        "jwt_issuers-INITIAL_FORMS": "0",
+        "auth_methods": "key",
     }
     form.update(overrides)
     return form
@@ -176,6 +179,8 @@ def _route_form(catalog, **overrides) -> dict:
         "strip_prefix": "on",
         "rewrite": "",
         "retries": "1",
+        "rate_limits-TOTAL_FORMS": "0",
+        "rate_limits-INITIAL_FORMS": "0",
     }
     form.update(overrides)
     return form
@@ -218,3 +223,115 @@ def test_two_apis_may_share_a_prefix_only_on_different_hosts(admin_client, catal
     Api.objects.filter(pk=catalog.api.pk).update(hosts="api.example.com")
     resp = admin_client.post(reverse("admin:gateway_api_add"), {**form, "hosts": "eu.example.com"})
     assert resp.status_code == 302
+
+
+def test_admin_saves_route_rate_limits_and_refuses_a_key_limit_on_an_anonymous_route(
+    admin_client, catalog
+):
+    from portal.models import RateLimit
+
+    form = _route_form(
+        catalog,
+        **{
+            "rate_limits-TOTAL_FORMS": "1",
+            "rate_limits-0-plan": str(catalog.free.pk),
+            "rate_limits-0-scope": "key",
+            "rate_limits-0-limit": "5",
+            "rate_limits-0-window": "second",
+            "rate_limits-0-burst": "2",
+        },
+    )
+    before = config_current_version()
+    resp = admin_client.post(reverse("admin:gateway_route_add"), form)
+    assert resp.status_code == 302, resp.content[:3000]
+    rule = RateLimit.objects.get(route__name="orders")
+    assert (rule.plan, rule.limit, rule.window, rule.burst) == (catalog.free, 5, "second", 2)
+    assert config_current_version() == before + 1
+
+    anonymous = _route_form(
+        catalog,
+        name="public",
+        path="/public",
+        anonymous="on",
+        **{
+            "rate_limits-TOTAL_FORMS": "1",
+            "rate_limits-0-scope": "key",
+            "rate_limits-0-limit": "5",
+            "rate_limits-0-window": "second",
+            "rate_limits-0-burst": "0",
+        },
+    )
+    resp = admin_client.post(reverse("admin:gateway_route_add"), anonymous)
+    assert resp.status_code == 200
+    assert b"limit them per client IP" in resp.content
+    assert not Route.objects.filter(name="public").exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"algorithms": "none"}, "none"),
+        ({"algorithms": "RS256"}, "jwks"),
+        ({"algorithms": "HS256", "static_jwks": '{"keys": [{"kty": "oct", "k": "c2hvcnQ"}]}'}, ""),
+    ],
+)
+def test_admin_refuses_a_jwt_issuer_the_gateway_could_not_use(
+    admin_client, catalog, fields, message
+):
+    from gateway.models import JwtIssuer
+
+    form = _api_form(
+        catalog,
+        name="Demo",
+        slug=catalog.api.slug,
+        auth_methods="jwt",
+        **{
+            "jwt_issuers-TOTAL_FORMS": "1",
+            "jwt_issuers-0-issuer": "https://idp.example.test/",
+            "jwt_issuers-0-jwks_url": "",
+            "jwt_issuers-0-static_jwks": "null",
+            "jwt_issuers-0-audiences": "",
+            "jwt_issuers-0-leeway": "30",
+            "jwt_issuers-0-typ": "",
+            "jwt_issuers-0-consumer_claim": "sub",
+            "jwt_issuers-0-enabled": "on",
+            **{f"jwt_issuers-0-{k}": v for k, v in fields.items()},
+        },
+    )
+    resp = admin_client.post(reverse("admin:gateway_api_change", args=[catalog.api.pk]), form)
+    assert resp.status_code == 200, resp.content[:2000]
+    assert b"errornote" in resp.content or b"errorlist" in resp.content
+    assert message.encode() in resp.content.lower()
+    assert not JwtIssuer.objects.exists()
+
+
+def test_admin_saves_a_jwt_issuer_with_a_jwks_url(admin_client, catalog):
+    from gateway.models import JwtIssuer
+
+    form = _api_form(
+        catalog,
+        name="Demo",
+        slug=catalog.api.slug,
+        auth_methods="any",
+        **{
+            "jwt_issuers-TOTAL_FORMS": "1",
+            "jwt_issuers-0-issuer": "https://idp.example.test/",
+            "jwt_issuers-0-algorithms": "RS256, ES256",
+            "jwt_issuers-0-jwks_url": "https://idp.example.test/jwks.json",
+            "jwt_issuers-0-static_jwks": "null",
+            "jwt_issuers-0-audiences": "orders",
+            "jwt_issuers-0-leeway": "30",
+            "jwt_issuers-0-typ": "",
+            "jwt_issuers-0-consumer_claim": "sub",
+            "jwt_issuers-0-enabled": "on",
+        },
+    )
+    resp = admin_client.post(reverse("admin:gateway_api_change", args=[catalog.api.pk]), form)
+    assert resp.status_code == 302, resp.content[:3000]
+    issuer = JwtIssuer.objects.get()
+    assert issuer.provider_config().algorithms == ("RS256", "ES256")
+
+
+def test_the_plans_page_lists_each_plans_rate_limits(client, catalog):
+    resp = client.get(reverse("portal:plans"))
+    assert b"1000/minute + 999 burst per key" in resp.content

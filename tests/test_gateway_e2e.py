@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import active_key, make_user, wait_for_key
+from tests.conftest import active_key, make_user, set_rate_limit, wait_for_key
 from tests.procs import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -154,14 +154,8 @@ def test_revoked_key_is_rejected_within_two_seconds(stack, live, dev):
 
 
 def test_rate_limit_answers_429_with_retry_after(stack, live, dev):
-    from django.db import transaction
 
-    from gateway.config import config_bump
-
-    with transaction.atomic():
-        live.free.rate_limit_per_minute = 3
-        live.free.save()
-        config_bump(reason="tighter limit")
+    set_rate_limit(plan=live.free, limit=3)
     fresh = active_key(dev, live.free, name="fresh")
     # Issued after `fresh`: once every worker knows `probe`, it knows `fresh` too, and the
     # probing requests have not touched `fresh`'s limit.
@@ -458,15 +452,9 @@ def test_concurrent_requests_never_over_admit(stack, live, dev):
     servers pass) against 30/minute admit 30, plus at most what the rate refills meanwhile."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from django.db import transaction
-
-    from gateway.config import config_bump
     from portal.keys import key_issue
 
-    with transaction.atomic():
-        live.free.rate_limit_per_minute = 30
-        live.free.save()
-        config_bump(reason="30/min")
+    set_rate_limit(plan=live.free, limit=30)
     fresh = active_key(dev, live.free, name="fresh")
     probe = key_issue(fresh.api_key.subscription, name="probe")  # see the rate-limit test
     wait_for_key(stack, probe.key)

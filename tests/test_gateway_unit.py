@@ -12,7 +12,7 @@ from gateway.dataplane.settings import load_settings
 from gateway.dataplane.snapshot import compile_snapshot, load_config
 from portal.keys import key_revoke
 from portal.models import QuotaCounter
-from tests.conftest import active_key
+from tests.conftest import active_key, set_rate_limit
 
 pytestmark = pytest.mark.django_db
 
@@ -77,9 +77,7 @@ def test_app_answers_503_problem_before_any_configuration(db):
 
 @pytest.mark.django_db(transaction=True)
 def test_key_changes_apply_as_deltas_and_structural_changes_rebuild(catalog):
-    from django.db import transaction
 
-    from gateway.config import config_bump
     from portal.keys import key_rotate
     from tests.conftest import make_user
 
@@ -104,10 +102,7 @@ def test_key_changes_apply_as_deltas_and_structural_changes_rebuild(catalog):
     assert set(snap.keys) == {first.api_key.key_id, rotated.api_key.key_id}
     assert snap.keys[first.api_key.key_id].expires_at is not None  # the overlap window
 
-    with transaction.atomic():
-        catalog.free.rate_limit_per_minute = 7
-        catalog.free.save()
-        config_bump(reason="plan changed")  # structural
+    set_rate_limit(plan=catalog.free, limit=7)  # a plan change: structural
     assert asyncio.run(refresh())
     assert app.snapshot.router is not built.router
     assert app.snapshot.keys[rotated.api_key.key_id].limits[0].limit == 7

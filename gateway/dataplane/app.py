@@ -27,10 +27,12 @@ import aiohttp
 from gateway.dataplane import metrics
 from gateway.dataplane.balancer import HealthChecker, TargetRegistry
 from gateway.dataplane.context import LocalResponse, RequestContext
+from gateway.dataplane.jwt import JwksCache, JwtVerifier
 from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redis_client
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
 from gateway.dataplane.metrics import MetricsStage
 from gateway.dataplane.networks import Networks
+from gateway.dataplane.pipeline import Stage
 from gateway.dataplane.problems import problem
 from gateway.dataplane.router import MethodNotAllowed, normalize_path
 from gateway.dataplane.settings import GatewaySettings, load_settings
@@ -40,12 +42,14 @@ from gateway.dataplane.snapshot import (
     Snapshot,
     compile_snapshot,
     load_config,
+    load_identities,
     load_key_delta,
     load_keys,
 )
 from gateway.dataplane.stages.authenticate import AuthenticateStage
 from gateway.dataplane.stages.authorize import AuthorizeStage
 from gateway.dataplane.stages.ip_policy import IpPolicyStage
+from gateway.dataplane.stages.jwt_auth import JwtAuthenticateStage
 from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
 from gateway.dataplane.stages.proxy import HOST_VALUE, ProxyHandler, body_too_large
@@ -110,6 +114,12 @@ class GatewayApp:
         self._ops_port = -1
         self._trusted_proxies = Networks(())
         self.targets = TargetRegistry()  # per-worker target state, kept across snapshots
+        # JWKS key sets, kept across snapshots (so a rebuild does not refetch them): config
+        # fingerprint -> cache. `_jwks_build` collects those the snapshot being built uses.
+        self.jwks: dict[str, JwksCache] = {}
+        self._jwks_build: dict[str, JwksCache] = {}
+        self._verifiers: dict[int, JwtVerifier] = {}
+        self._jwks_starts: set[asyncio.Task] = set()
         self.health = HealthChecker(self._get_session)
         self._drops_reported = 0
         self._seen: tuple[str, int] = ("", -1)  # the config (epoch, version) last processed
@@ -199,6 +209,10 @@ class GatewayApp:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.health.stop()
+        for task in self._jwks_starts:
+            task.cancel()
+        for cache in self.jwks.values():
+            await cache.close()
         if self.shipper:
             await self.shipper.drain()
             self._set_gauges()  # the drain's losses reach the metric before the worker ends
@@ -268,6 +282,8 @@ class GatewayApp:
             # event loop (it only shares the GIL with it). Builds are serial (one thread), so
             # the target registry is never compiled into twice at once.
             apis, keys = load_config(version)
+            self._jwks_build = {}
+            self._verifiers = {}
             return compile_snapshot(
                 version,
                 apis,
@@ -276,6 +292,7 @@ class GatewayApp:
                 epoch=epoch,
                 default_max_body=self.settings.max_body_bytes,
                 targets=self.targets,
+                identities=load_identities(),
             )
 
         # While the build thread runs, hand the GIL back to the event loop sooner than the
@@ -301,6 +318,7 @@ class GatewayApp:
         self._seen = (epoch, version)
         self._broken_since = None
         self.health.sync(snapshot.upstreams)
+        await self._sync_jwks()
         log.info(
             "config v%s: %d routes, %d keys, built in %.1f ms",
             version,
@@ -310,7 +328,9 @@ class GatewayApp:
         )
         return True
 
-    def _compile_route(self, route: RouteEntry, keys: dict[str, KeyEntry]) -> None:
+    def _compile_route(
+        self, route: RouteEntry, keys: dict[str, KeyEntry], identities: dict | None = None
+    ) -> None:
         assert self.settings is not None and self.limiter is not None
         # Only the stages a route uses are in its pipeline, in DESIGN.md's order.
         stages: list = []
@@ -319,7 +339,9 @@ class GatewayApp:
                 IpPolicyStage(allow=route.ip_allow, deny=route.ip_deny, api_slug=route.api_slug)
             )
         if not route.anonymous:  # a public route has no key stages at all
-            stages.extend(self._key_stages(route, keys))
+            stages.extend(self._key_stages(route, keys, identities or {}))
+        elif route.route_rates:  # per-client-IP limits of a public route
+            stages.append(self._limit_stage(route))
         route.stages = stages
         route.handler = ProxyHandler(
             session_getter=self._get_session,
@@ -329,19 +351,70 @@ class GatewayApp:
             key_query_param=route.key_query_param,
         )
 
-    def _key_stages(self, route: RouteEntry, keys: dict[str, KeyEntry]) -> list:
+    def _key_stages(self, route: RouteEntry, keys: dict[str, KeyEntry], identities) -> list:
         s = self.settings
+        authenticate: Stage = AuthenticateStage(
+            key_header=route.key_header,
+            header_label=route.key_header_label,
+            keys=keys,
+            secret=s.key_hmac_secret,
+            query_param=route.key_query_param,
+        )
+        if route.auth_methods != "key":
+            authenticate = JwtAuthenticateStage(
+                verifier=self._verifier(route),
+                identities=identities,
+                api_id=route.api_id,
+                keys=authenticate if route.auth_methods == "any" else None,
+            )
         return [
-            AuthenticateStage(
-                key_header=route.key_header,
-                header_label=route.key_header_label,
-                keys=keys,
-                secret=s.key_hmac_secret,
-                query_param=route.key_query_param,
+            authenticate,
+            AuthorizeStage(
+                api_id=route.api_id,
+                api_slug=route.api_slug,
+                plans=route.plans,
+                required_scopes=route.required_scopes,
             ),
-            AuthorizeStage(api_id=route.api_id, api_slug=route.api_slug, plans=route.plans),
-            LimitStage(limiter=self.limiter, fail_closed=route.fail_closed),
+            self._limit_stage(route),
         ]
+
+    def _limit_stage(self, route: RouteEntry) -> LimitStage:
+        return LimitStage(
+            limiter=self.limiter,
+            fail_closed=route.fail_closed,
+            route_rates=route.route_rates,
+            overrides=route.rate_overrides,
+        )
+
+    def _verifier(self, route: RouteEntry) -> JwtVerifier:
+        """One verifier per API (its token cache is shared by the API's routes)."""
+        verifier = self._verifiers.get(route.api_id)
+        if verifier is None:
+            providers = []
+            for config in route.jwt_issuers:
+                fingerprint = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+                cache = self.jwks.get(fingerprint) or self._jwks_build.get(fingerprint)
+                if cache is None:
+                    cache = JwksCache(config, session_factory=self._get_session)
+                self._jwks_build[fingerprint] = cache
+                providers.append((config, cache))
+            verifier = self._verifiers[route.api_id] = JwtVerifier(providers)
+        return verifier
+
+    async def _sync_jwks(self) -> None:
+        """After a swap: start the key sets the new snapshot brought, stop those it dropped."""
+        wanted, self._jwks_build = self._jwks_build, {}
+        for fingerprint, cache in wanted.items():
+            if fingerprint not in self.jwks:
+                # Not awaited: a slow JWKS server must not hold up config changes. A token
+                # that comes before the first fetch ends joins it (refetch_for_unknown_kid).
+                task = asyncio.create_task(cache.start(), name="jwks-start")
+                self._jwks_starts.add(task)
+                task.add_done_callback(self._jwks_starts.discard)
+        for fingerprint, cache in self.jwks.items():
+            if fingerprint not in wanted:
+                await cache.close()
+        self.jwks = wanted
 
     def _get_session(self) -> aiohttp.ClientSession:
         assert self._session is not None

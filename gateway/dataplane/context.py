@@ -52,7 +52,8 @@ class RequestContext:
     bytes_out: int = 0
     upstream_latency: float | None = None
     error_kind: str = ""
-    credential: str = ""  # where the key came from: "header" or "bearer"
+    credential: str = ""  # where the credential came from: "header", "bearer" or "query"
+    scopes: frozenset[str] = frozenset()  # what the credential holds (JWT scope, key scopes)
     body_done: bool = False  # the whole request body has been received
     body_too_large: bool = False  # the body passed the route's limit while streaming
     body_streamed: bool = False  # part of a streamed body went upstream: no retry

@@ -1,7 +1,15 @@
-"""Rate limits (GCRA over one minute) and quotas (UTC day/month counters).
+"""Rate limits (GCRA) and quotas (UTC day/month counters).
+
+A rate rule of `limit` per window W with `burst` B is GCRA (the generic cell rate algorithm,
+nginx's limit_req with burst): the emission interval is T = W / limit, a request is admitted
+when the counter's theoretical arrival time is at most B * T ahead of now, and admitting moves
+it T further. Hence in any interval of length W at most limit + B requests are admitted, and
+under sustained demand exactly one every T, i.e. `limit` per window. There is no race to
+over-admit: each check-and-update is atomic (one Lua script in Redis, one event loop in
+process). Time comes from one clock: Redis `TIME` inside the script, so every node agrees.
 
 Two stores with the same semantics: in process (the embedded default, one gateway worker) and
-Redis (one Lua script per request for all of a key's limits, so workers and nodes share exact
+Redis (one EVALSHA per request for all of its limits, so workers and nodes share exact
 counts). A request is admitted only if every rule admits it, and only then is anything
 counted: a request refused by the rate limit does not use quota.
 """
@@ -9,16 +17,17 @@ counted: a request refused by the rate limit does not use quota.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from gateway.dataplane.snapshot import LimitRule
+from gateway.dataplane.snapshot import WINDOW_SECONDS, LimitRule
 
 log = logging.getLogger("gateway.limiter")
 
-RATE_PERIOD = 60.0  # seconds; plans state limits per minute
+PRUNE_EVERY = 50_000  # in-process rate counters: sweep the idle ones after this many new
 
 
 @dataclass(slots=True)
@@ -62,6 +71,7 @@ class MemoryLimiter:
         self._tat: dict[str, float] = {}
         self._quota: dict[tuple[str, float], int] = {}
         self._dirty: set[tuple[str, float]] = set()
+        self._new_since_prune = 0
 
     async def check(self, rules: tuple[LimitRule, ...], now: float) -> Decision:
         return self.check_sync(rules, now)
@@ -72,15 +82,17 @@ class MemoryLimiter:
         writes: list[tuple[LimitRule, object, object]] = []
         for rule in rules:
             if rule.kind == "rate":
-                interval = RATE_PERIOD / rule.limit
-                tat = max(self._tat.get(rule.subject, now), now)
-                new_tat = tat + interval
-                if new_tat - now > RATE_PERIOD + 1e-9:
-                    retry = new_tat - RATE_PERIOD - now
-                    d = Decision(False, rule, 0, tat - now, retry)
+                interval = WINDOW_SECONDS[rule.period] / rule.limit
+                tolerance = rule.burst * interval
+                tat = self._tat.get(rule.subject, now)
+                if tat < now:
+                    tat = now
+                if tat - now > tolerance + 1e-9:
+                    d = Decision(False, rule, 0, tat - now, tat - now - tolerance)
                 else:
-                    left = int((RATE_PERIOD - (new_tat - now)) / interval + 1e-9)
-                    d = Decision(True, rule, left, new_tat - now)
+                    new_tat = tat + interval
+                    left = math.floor((tolerance - (new_tat - now)) / interval + 1e-9) + 1
+                    d = Decision(True, rule, max(0, left), new_tat - now)
                     writes.append((rule, rule.subject, new_tat))
             else:
                 start, end = period_bounds(rule.period, now)
@@ -100,11 +112,20 @@ class MemoryLimiter:
             return refusal
         for rule, slot, value in writes:
             if rule.kind == "rate":
+                if slot not in self._tat:
+                    self._new_since_prune += 1
                 self._tat[slot] = value  # type: ignore[index,assignment]
             else:
                 self._quota[slot] = value  # type: ignore[index,assignment]
                 self._dirty.add(slot)  # type: ignore[arg-type]
+        if self._new_since_prune >= PRUNE_EVERY:
+            self.prune(now)
         return best or Decision(True, None, 0, 0.0)
+
+    def prune(self, now: float) -> None:
+        """Forget rate counters that are fully replenished (per-IP rules make many)."""
+        self._tat = {s: t for s, t in self._tat.items() if t > now}
+        self._new_since_prune = 0
 
     # Persistence of quota counters (the embedded gateway writes them to the database every
     # second so that the portal can show what is left and a restart keeps them).
@@ -120,34 +141,36 @@ class MemoryLimiter:
             self._quota[slot] = max(used, self._quota.get(slot, 0))
 
 
-# KEYS: one counter per rule. ARGV: per rule, kind ("r"/"q"), limit, and for "r" the period
-# in ms, for "q" the period's end (epoch ms). Time comes from Redis for rates, so every node
-# shares one clock. Returns {allowed, index of refusing rule or 0, retry ms, then per rule
-# remaining and reset ms}.
+# KEYS: one counter per rule. ARGV: per rule, kind ("r"/"q"), limit, then for "r" the window
+# in ms and the burst, for "q" the period's end (epoch ms) and 0. Time comes from Redis, so
+# every node shares one clock. Returns {allowed, index of the refusing rule or 0, retry ms,
+# then per rule remaining and reset ms}.
 LUA_CHECK = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local allowed = 1
 local refused = 0
 local worst = -1
 local out = {}
 local writes = {}
 for i = 1, #KEYS do
-  local kind = ARGV[(i - 1) * 3 + 1]
-  local limit = tonumber(ARGV[(i - 1) * 3 + 2])
-  local p = tonumber(ARGV[(i - 1) * 3 + 3])
+  local kind = ARGV[(i - 1) * 4 + 1]
+  local limit = tonumber(ARGV[(i - 1) * 4 + 2])
+  local p = tonumber(ARGV[(i - 1) * 4 + 3])
   local remaining, reset, retry
   if kind == 'r' then
     local interval = p / limit
+    local tolerance = tonumber(ARGV[(i - 1) * 4 + 4]) * interval
     local tat = tonumber(redis.call('GET', KEYS[i]) or now)
     if tat < now then tat = now end
-    local new_tat = tat + interval
-    if new_tat - now > p + 0.001 then
-      retry = new_tat - p - now
+    if tat - now > tolerance + 0.001 then
+      retry = tat - now - tolerance
       remaining = 0
       reset = tat - now
     else
-      remaining = math.floor((p - (new_tat - now)) / interval + 0.000001)
+      local new_tat = tat + interval
+      remaining = math.floor((tolerance - (new_tat - now)) / interval + 0.000001) + 1
+      if remaining < 0 then remaining = 0 end
       reset = new_tat - now
       writes[i] = new_tat
     end
@@ -171,13 +194,13 @@ for i = 1, #KEYS do
 end
 if allowed == 1 then
   for i = 1, #KEYS do
-    if ARGV[(i - 1) * 3 + 1] == 'r' then
+    if ARGV[(i - 1) * 4 + 1] == 'r' then
       redis.call('SET', KEYS[i], string.format('%.3f', writes[i]), 'PX',
                  math.ceil(writes[i] - now) + 1000)
     else
       local v = redis.call('INCR', KEYS[i])
       if v == 1 then
-        redis.call('PEXPIREAT', KEYS[i], tonumber(ARGV[(i - 1) * 3 + 3]) + 86400000)
+        redis.call('PEXPIREAT', KEYS[i], tonumber(ARGV[(i - 1) * 4 + 3]) + 86400000)
       end
     end
   end
@@ -227,11 +250,11 @@ class RedisLimiter:
         for rule in rules:
             if rule.kind == "rate":
                 keys.append(rate_counter_name(rule.tag, rule.subject))
-                args += ["r", rule.limit, int(RATE_PERIOD * 1000)]
+                args += ["r", rule.limit, WINDOW_SECONDS[rule.period] * 1000, rule.burst]
             else:
                 start, end = period_bounds(rule.period, now)
                 keys.append(quota_counter_name(rule.tag, rule.subject, start))
-                args += ["q", rule.limit, int(end * 1000)]
+                args += ["q", rule.limit, int(end * 1000), 0]
         try:
             res = await self.script(keys=keys, args=args)
         except Exception as exc:  # any store failure: fail open, never 500

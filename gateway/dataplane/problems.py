@@ -16,6 +16,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "missing-credential": (401, "Missing credential"),
     "invalid-credential": (401, "Invalid credential"),
     "forbidden": (403, "Forbidden"),
+    "insufficient-scope": (403, "Insufficient scope"),
     "not-found": (404, "No route matches"),
     "method-not-allowed": (405, "Method not allowed"),
     "request-timeout": (408, "Request timeout"),

@@ -49,19 +49,77 @@ class UpstreamEntry:
             self.balancer = Balancer(self.targets)
 
 
+WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
+
+
 @dataclass(frozen=True, slots=True)
 class LimitRule:
-    """One limit a key is subject to; `kind` is "rate" (per minute) or "quota"."""
+    """One counter a request is checked against: a rate ("rate", GCRA) or a quota."""
 
-    kind: str
-    subject: str  # counter identity, e.g. "key:12" or "sub:7"
+    kind: str  # "rate" | "quota"
+    subject: str  # counter identity, e.g. "k12:minute:p3" or "sub:7"
     limit: int
-    period: str  # "minute" for rates; "day" | "month" for quotas
-    tag: str = ""  # Redis Cluster hash tag: all of one request's counters share it
+    period: str  # "second" | "minute" | "hour" for rates; "day" | "month" for quotas
+    tag: str = ""  # Redis Cluster hash tag (see limiter.py)
+    burst: int = 0  # rates: requests allowed at once above the even pace
+    name: str = ""  # the policy's name in RateLimit-Policy, e.g. "key-minute"
+    scope: str = ""  # rates: "key" | "consumer" | "organization" | "client_ip"
+
+
+@dataclass(frozen=True, slots=True)
+class RateTemplate:
+    """A rate limit whose counter is known only per request (client IP, route overrides)."""
+
+    scope: str
+    window: str
+    limit: int
+    burst: int
+    origin: str  # "p<plan>", "r<route>" or "r<route>p<plan>": separates the counters
+    name: str
+
+
+def rate_template(row, *, origin: str, prefix: str = "") -> RateTemplate:
+    """The template of a RateLimit row (`prefix` names route-wide rules apart in headers)."""
+    scope = "ip" if row.scope == "client_ip" else row.scope
+    return RateTemplate(
+        row.scope, row.window, row.limit, row.burst, origin, f"{prefix}{scope}-{row.window}"
+    )
+
+
+def resolve_rate(t: RateTemplate, key: KeyEntry | None, client_ip: str) -> LimitRule:
+    """The concrete rule of a template for one request (`key` None: anonymous)."""
+    if key is None:
+        return counter_rule(t, 0, 0, None, client_ip)
+    return counter_rule(t, key.pk, key.consumer_id, key.organization_id, client_ip)
+
+
+def counter_rule(
+    t: RateTemplate, key_pk: int, consumer: int, org: int | None, client_ip: str
+) -> LimitRule:
+    """The rule of template `t` for a key (pk 0: a JWT identity) of a consumer, from an IP.
+
+    Counters share the consumer's hash tag, per-IP ones the address's: on Redis Cluster a
+    request with both would span two slots (one Redis or a primary with replicas: fine)."""
+    if t.scope == "client_ip" or not consumer:
+        who = tag = f"i{client_ip}"
+    else:
+        tag = f"c{consumer}"
+        if t.scope == "key":
+            who = f"k{key_pk}" if key_pk else f"j{consumer}"  # JWT: per token subject
+        elif t.scope == "organization" and org:
+            who = f"o{org}"
+        else:
+            who = tag
+    return LimitRule(
+        "rate", f"{who}:{t.window}:{t.origin}", t.limit, t.window, tag, t.burst, t.name, t.scope
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class KeyEntry:
+    """A credential's identity and grants: an API key, or (pk 0) a JWT consumer's
+    subscription."""
+
     pk: int
     key_id: str
     digest: bytes  # hex digest as bytes, compared in constant time
@@ -72,7 +130,10 @@ class KeyEntry:
     subscription_status: str
     plan_slug: str
     api_ids: frozenset[int]
-    limits: tuple[LimitRule, ...]
+    limits: tuple[LimitRule, ...]  # the plan's rules whose counters do not vary per request
+    plan_id: int = 0
+    scopes: frozenset[str] = frozenset()
+    ip_rates: tuple[RateTemplate, ...] = ()  # the plan's per-client-IP rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +195,15 @@ class RouteEntry:
     ip_allow: tuple = ()  # ip_network objects; empty: everyone
     ip_deny: tuple = ()
     plans: tuple[str, ...] = ()  # public plans that include the API (for 403 details)
+    auth_methods: str = "key"  # "key" | "jwt" | "any"
+    jwt_issuers: tuple = ()  # jwt.ProviderConfig of the API's enabled issuers
+    required_scopes: frozenset[str] = frozenset()
+    # Rate limits of this route: for everyone, and per plan instead of the plan's rules of
+    # the same (scope, window).
+    route_rates: tuple[RateTemplate, ...] = ()
+    rate_overrides: dict[int, tuple[frozenset[tuple[str, str]], tuple[RateTemplate, ...]]] = field(
+        default_factory=dict
+    )
     unconditional: bool = True  # no header or version condition (set in __post_init__)
     # --- forwarding (stages/proxy.py) ---
     strip: str = ""  # public prefix removed before forwarding ("" keeps the path)
@@ -161,6 +231,7 @@ class Snapshot:
     router: Router
     keys: dict[str, KeyEntry]
     upstreams: tuple[UpstreamEntry, ...] = ()
+    identities: dict[str, tuple[KeyEntry, ...]] = field(default_factory=dict)  # JWT subjects
 
 
 def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
@@ -171,7 +242,9 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
         Api.objects.select_related("upstream")
         .prefetch_related(
             "routes__upstream__targets",
+            "routes__rate_limits",
             "upstream__targets",
+            "jwt_issuers",
             "versions__upstream__targets",
             "plans",
         )
@@ -193,63 +266,153 @@ def load_keys(key_ids: set[str] | None) -> dict[str, KeyEntry]:
         # A deactivated user's keys stop working with the account.
         .exclude(subscription__consumer__user__is_active=False)
     )
-    plans = Plan.objects.prefetch_related("apis")
+    plans = Plan.objects.prefetch_related("apis", "rate_limits")
     if key_ids is not None:
         rows = rows.filter(key_id__in=key_ids)
         plans = plans.filter(subscriptions__keys__key_id__in=key_ids).distinct()
-    plan_info = {
-        plan.pk: (
-            plan.slug,
-            frozenset(a.pk for a in plan.apis.all()),
-            plan.rate_limit_per_minute,
-            plan.quota_limit,
-            plan.quota_period,
-        )
-        for plan in plans
-    }
+    plan_info = {plan.pk: _plan_info(plan) for plan in plans}
     keys: dict[str, KeyEntry] = {}
-    quota_rules: dict[int, LimitRule] = {}  # one shared rule object per subscription
+    shared: dict[int, tuple] = {}  # (limits, ip rules) per subscription: one object each
     columns = (
         "pk",
         "key_id",
         "digest",
         "expires_at",
+        "scopes",
         "subscription_id",
         "subscription__status",
         "subscription__consumer_id",
         "subscription__consumer__organization_id",
         "subscription__plan_id",
     )
-    for pk, key_id, digest, expires, sub_id, status, consumer, org, plan_id in rows.values_list(
-        *columns
-    ).iterator(chunk_size=5000):
+    for row in rows.values_list(*columns).iterator(chunk_size=5000):
+        pk, key_id, digest, expires, scopes, sub_id, status, consumer, org, plan_id = row
         info = plan_info.get(plan_id)
         if info is None:  # a plan created after the plans were read: the next delta has it
             continue
-        slug, api_ids, rate, quota, period = info
-        tag = f"s{sub_id}"
-        limits: tuple[LimitRule, ...] = ()
-        if rate:
-            limits = (LimitRule("rate", f"key:{pk}", rate, "minute", tag),)
-        if quota:
-            rule = quota_rules.get(sub_id)
-            if rule is None:
-                rule = quota_rules[sub_id] = LimitRule("quota", f"sub:{sub_id}", quota, period, tag)
-            limits = (*limits, rule)
-        keys[key_id] = KeyEntry(
+        keys[key_id] = _grant(
+            info,
             pk=pk,
             key_id=key_id,
             digest=digest.encode(),
             expires_at=expires.timestamp() if expires else None,
-            consumer_id=consumer,
-            organization_id=org,
-            subscription_id=sub_id,
-            subscription_status=status,
-            plan_slug=slug,
-            api_ids=api_ids,
-            limits=limits,
+            scopes=scopes,
+            sub_id=sub_id,
+            status=status,
+            consumer=consumer,
+            org=org,
+            shared=shared,
         )
     return keys
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInfo:
+    pk: int
+    slug: str
+    api_ids: frozenset[int]
+    rates: tuple[RateTemplate, ...]  # plan-wide rules
+    quota: int | None
+    quota_period: str
+
+
+def _plan_info(plan) -> PlanInfo:
+    rates = tuple(
+        rate_template(r, origin=f"p{plan.pk}") for r in plan.rate_limits.all() if not r.route_id
+    )
+    return PlanInfo(
+        plan.pk,
+        plan.slug,
+        frozenset(a.pk for a in plan.apis.all()),
+        rates,
+        plan.quota_limit,
+        plan.quota_period,
+    )
+
+
+def _grant(
+    info: PlanInfo,
+    *,
+    pk: int,
+    key_id: str,
+    digest: bytes,
+    expires_at: float | None,
+    scopes: str,
+    sub_id: int,
+    status: str,
+    consumer: int,
+    org: int | None,
+    shared: dict[int, tuple],
+) -> KeyEntry:
+    """A key's (or a JWT identity's) entry: its plan's rules resolved for it."""
+    per_key = any(t.scope == "key" for t in info.rates)
+    cached = None if per_key else shared.get(sub_id)
+    if cached is None:
+        limits = tuple(
+            counter_rule(t, pk, consumer, org, "") for t in info.rates if t.scope != "client_ip"
+        )
+        if info.quota:
+            tag = f"c{consumer}"
+            limits += (LimitRule("quota", f"sub:{sub_id}", info.quota, info.quota_period, tag),)
+        ip_rates = tuple(t for t in info.rates if t.scope == "client_ip")
+        cached = shared[sub_id] = (limits, ip_rates)
+    return KeyEntry(
+        pk=pk,
+        key_id=key_id,
+        digest=digest,
+        expires_at=expires_at,
+        consumer_id=consumer,
+        organization_id=org,
+        subscription_id=sub_id,
+        subscription_status=status,
+        plan_slug=info.slug,
+        api_ids=info.api_ids,
+        limits=cached[0],
+        plan_id=info.pk,
+        scopes=frozenset(scopes.split()) if scopes else frozenset(),
+        ip_rates=cached[1],
+    )
+
+
+def load_identities() -> dict[str, tuple[KeyEntry, ...]]:
+    """JWT identities: consumer external id -> an entry per open subscription (sync)."""
+    from portal.models import Plan, Subscription
+
+    plan_info = {p.pk: _plan_info(p) for p in Plan.objects.prefetch_related("apis", "rate_limits")}
+    out: dict[str, list[KeyEntry]] = {}
+    shared: dict[int, tuple] = {}
+    rows = (
+        Subscription.objects.filter(
+            consumer__external_id__isnull=False, status__in=["active", "pending"]
+        )
+        .exclude(consumer__user__is_active=False)
+        .values_list(
+            "pk",
+            "status",
+            "plan_id",
+            "consumer_id",
+            "consumer__organization_id",
+            "consumer__external_id",
+        )
+        .order_by("pk")
+    )
+    for sub_id, status, plan_id, consumer, org, external_id in rows:
+        info = plan_info[plan_id]
+        entry = _grant(
+            info,
+            pk=0,
+            key_id="",
+            digest=b"",
+            expires_at=None,
+            scopes="",
+            sub_id=sub_id,
+            status=status,
+            consumer=consumer,
+            org=org,
+            shared=shared,
+        )
+        out.setdefault(external_id, []).append(entry)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def load_key_delta(since: int, until: int) -> tuple[set[str], dict[str, KeyEntry]] | None:
@@ -295,6 +458,17 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
     ip_allow = routing.parse_networks(api.ip_allow)
     ip_deny = routing.parse_networks(api.ip_deny)
     plans = tuple(sorted(p.slug for p in api.plans.all() if p.is_public))
+    issuers = tuple(i.provider_config() for i in api.jwt_issuers.all() if i.enabled)
+    route_rates: list[RateTemplate] = []
+    overrides: dict[int, tuple[set, list]] = {}
+    for row in route.rate_limits.all():
+        if row.plan_id is None:
+            route_rates.append(rate_template(row, origin=f"r{route.pk}", prefix="route-"))
+        else:
+            slots, templates = overrides.setdefault(row.plan_id, (set(), []))
+            slots.add((row.scope, row.window))
+            templates.append(rate_template(row, origin=f"r{route.pk}p{row.plan_id}"))
+    rate_overrides = {p: (frozenset(sl), tuple(ts)) for p, (sl, ts) in overrides.items()}
     max_body = default_max_body if route.max_body_bytes is None else route.max_body_bytes
     scheme = api.version_scheme
     versions = list(api.versions.all()) if scheme != "none" else []
@@ -354,6 +528,11 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
                 ip_allow=ip_allow,
                 ip_deny=ip_deny,
                 plans=plans,
+                auth_methods=api.auth_methods,
+                jwt_issuers=issuers,
+                required_scopes=frozenset(route.required_scopes.split()),
+                route_rates=tuple(route_rates),
+                rate_overrides=rate_overrides,
                 strip=(api_prefix + "".join("/" + s for s in version_segment))
                 if route.strip_prefix
                 else "",
@@ -378,6 +557,7 @@ def compile_snapshot(
     epoch: str = "",
     default_max_body: int = 0,
     targets: TargetRegistry | None = None,
+    identities: dict[str, tuple[KeyEntry, ...]] | None = None,
 ) -> Snapshot:
     """Turn model rows into the immutable snapshot; `compile_route` builds a route's stages.
 
@@ -402,7 +582,7 @@ def compile_snapshot(
             for entry in compile_route_entries(
                 api, r, upstream_entry, default_max_body=default_max_body
             ):
-                compile_route(entry, keys)
+                compile_route(entry, keys, identities or {})
                 routes.append(entry)
     router = Router(routes)
     registry.end_build()
@@ -414,6 +594,7 @@ def compile_snapshot(
         router=router,
         keys=keys,
         upstreams=tuple(upstreams.values()),
+        identities=identities or {},
     )
 
 

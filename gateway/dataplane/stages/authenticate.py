@@ -83,6 +83,7 @@ class AuthenticateStage(Stage):
         if entry.expires_at is not None and entry.expires_at <= ctx.wall_time:
             return self._invalid(ctx, "The API key has expired.")
         ctx.key = entry
+        ctx.scopes = entry.scopes
         return None
 
     def _invalid(self, ctx: RequestContext, detail: str) -> LocalResponse:

@@ -1,4 +1,5 @@
-"""Authorize: the key's subscription must be active and its plan must include the API."""
+"""Authorize: the subscription must be active, its plan must include the API, and the
+credential must hold the route's required scopes."""
 
 from __future__ import annotations
 
@@ -10,10 +11,26 @@ from gateway.dataplane.problems import problem
 class AuthorizeStage(Stage):
     name = "authorize"
 
-    def __init__(self, *, api_id: int, api_slug: str, plans: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        api_id: int,
+        api_slug: str,
+        plans: tuple[str, ...] = (),
+        required_scopes: frozenset[str] = frozenset(),
+    ) -> None:
         self.api_id = api_id
         self.api_slug = api_slug
         self.plans = plans  # public plans that include this API, for the 403's detail
+        self.required_scopes = required_scopes
+        needed = " ".join(sorted(required_scopes))
+        # RFC 6750 section 3.1: which scope the token lacks.
+        self.scope_challenge = [
+            (
+                b"www-authenticate",
+                f'Bearer realm="apigw", error="insufficient_scope", scope="{needed}"'.encode(),
+            )
+        ]
 
     async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         key = ctx.key
@@ -34,5 +51,14 @@ class AuthorizeStage(Stage):
                 f"Plan '{key.plan_slug}' does not include API '{self.api_slug}'.{hint}",
                 request_id=ctx.request_id,
                 plans=list(self.plans),
+            )
+        if self.required_scopes and not self.required_scopes <= ctx.scopes:
+            missing = " ".join(sorted(self.required_scopes - ctx.scopes))
+            return problem(
+                "insufficient-scope",
+                f"This route requires the scopes: {missing}.",
+                request_id=ctx.request_id,
+                headers=self.scope_challenge,
+                required_scopes=sorted(self.required_scopes),
             )
         return None

@@ -1,4 +1,4 @@
-"""Limit: check every rate limit and quota of the key in one call to the limiter."""
+"""Limit: check every rate limit and quota of the request in one call to the limiter."""
 
 from __future__ import annotations
 
@@ -6,23 +6,62 @@ from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.limiter import Decision, Limiter
 from gateway.dataplane.pipeline import Stage
 from gateway.dataplane.problems import problem
-from gateway.dataplane.snapshot import LimitRule
+from gateway.dataplane.snapshot import (
+    WINDOW_SECONDS,
+    KeyEntry,
+    LimitRule,
+    RateTemplate,
+    resolve_rate,
+)
 
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
+_NOUN = {"key": "key", "consumer": "consumer", "organization": "organization"}
+_NOUN["client_ip"] = "client IP"
 
 
 class LimitStage(Stage):
+    """The rules are the key's plan-wide ones (resolved in the snapshot), then the plan's
+    per-IP ones, this route's overrides for the plan, and this route's own rules."""
+
     name = "limit"
 
-    def __init__(self, *, limiter: Limiter, fail_closed: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        limiter: Limiter,
+        fail_closed: bool = False,
+        route_rates: tuple[RateTemplate, ...] = (),
+        overrides: dict[int, tuple[frozenset[tuple[str, str]], tuple[RateTemplate, ...]]]
+        | None = None,
+    ) -> None:
         self.limiter = limiter
         self.fail_closed = fail_closed
+        self.route_rates = route_rates
+        self.overrides = overrides or {}
+        self.per_request = bool(route_rates or self.overrides)
+
+    def rules_for(self, ctx: RequestContext, key: KeyEntry | None) -> tuple[LimitRule, ...]:
+        """The concrete rules of one request."""
+        if key is None:  # an anonymous route: its own (per-IP) rules only
+            return tuple(resolve_rate(t, None, ctx.client_ip) for t in self.route_rates)
+        if not (key.ip_rates or self.per_request):
+            return key.limits
+        base = key.limits
+        templates = key.ip_rates
+        override = self.overrides.get(key.plan_id)
+        if override is not None:
+            slots, replacements = override
+            base = tuple(r for r in base if r.kind == "quota" or (r.scope, r.period) not in slots)
+            templates = tuple(t for t in templates if (t.scope, t.window) not in slots)
+            templates += replacements
+        templates += self.route_rates
+        return base + tuple(resolve_rate(t, key, ctx.client_ip) for t in templates)
 
     async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
-        key = ctx.key
-        if key is None or not key.limits:
+        rules = self.rules_for(ctx, ctx.key)
+        if not rules:
             return None
-        decision = await self.limiter.check(key.limits, ctx.wall_time)
+        decision = await self.limiter.check(rules, ctx.wall_time)
         if decision.store_error:
             ctx.error_kind = "limiter_unavailable"
             if self.fail_closed:
@@ -33,7 +72,7 @@ class LimitStage(Stage):
                     headers=[(b"retry-after", b"1")],
                 )
             return None  # fail open: admitted, counted in metrics
-        headers = _headers(key.limits, decision)
+        headers = _headers(rules, decision)
         if decision.allowed:
             ctx.response_headers.extend(headers)
             return None
@@ -50,20 +89,29 @@ class LimitStage(Stage):
                 limit=f"quota {rule.limit}/{rule.period}",
             )
         limit = f"{rule.limit}/{rule.period}" if rule else "rate"
+        burst = f" (burst {rule.burst})" if rule and rule.burst else ""
+        per = f" per {_NOUN.get(rule.scope, 'key')}" if rule else ""
         return problem(
             "rate-limited",
-            f"More than {limit} requests; retry in {retry} s.",
+            f"More than {limit}{burst} requests{per}; retry in {retry} s.",
             request_id=ctx.request_id,
             headers=headers,
-            limit=f"rate {limit}",
+            limit=f"rate {limit}{per}",
+            policy=rule.name if rule else "",
         )
 
 
-_WINDOW = {"minute": 60, "day": 86400, "month": 2_592_000}  # a month's w is nominal (30 d)
+_QUOTA_WINDOW = {"day": 86400, "month": 2_592_000}  # a month's w is nominal (30 d)
 
 
 def _policy_name(rule: LimitRule) -> str:
-    return "rate" if rule.kind == "rate" else f"quota-{rule.period}"
+    return rule.name or ("rate" if rule.kind == "rate" else f"quota-{rule.period}")
+
+
+def _window(rule: LimitRule) -> int:
+    if rule.kind == "rate":
+        return WINDOW_SECONDS[rule.period]
+    return _QUOTA_WINDOW.get(rule.period, 86400)
 
 
 def _headers(rules: tuple[LimitRule, ...], d: Decision) -> list[tuple[bytes, bytes]]:
@@ -73,9 +121,7 @@ def _headers(rules: tuple[LimitRule, ...], d: Decision) -> list[tuple[bytes, byt
         return []
     reset = max(0, int(d.reset + 0.999))
     remaining = max(0, d.remaining)
-    policies = ", ".join(
-        f'"{_policy_name(r)}";q={r.limit};w={_WINDOW.get(r.period, 60)}' for r in rules
-    )
+    policies = ", ".join(f'"{_policy_name(r)}";q={r.limit};w={_window(r)}' for r in rules)
     return [
         (b"x-ratelimit-limit", str(d.rule.limit).encode()),
         (b"x-ratelimit-remaining", str(remaining).encode()),

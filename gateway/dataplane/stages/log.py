@@ -29,7 +29,7 @@ class LogStage(Stage):
                 route.id if route else None,
                 route.path if route else "",
                 key.consumer_id if key else None,
-                key.pk if key else None,
+                key.pk or None if key else None,  # pk 0: a JWT identity, no key
                 key.organization_id if key else None,
                 ctx.method,
                 ctx.status,

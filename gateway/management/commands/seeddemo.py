@@ -10,7 +10,7 @@ from django.db import transaction
 
 from gateway.config import config_bump
 from gateway.models import Api, Route, Target, Upstream
-from portal.models import Plan, User
+from portal.models import Plan, RateLimit, User
 
 
 class Command(BaseCommand):
@@ -45,7 +45,6 @@ class Command(BaseCommand):
                 defaults={
                     "name": "Free",
                     "description": "For trying things out.",
-                    "rate_limit_per_minute": 60,
                     "quota_limit": 1000,
                     "quota_period": Plan.QuotaPeriod.DAY,
                 },
@@ -55,7 +54,6 @@ class Command(BaseCommand):
                 defaults={
                     "name": "Pro",
                     "description": "For production use; needs approval.",
-                    "rate_limit_per_minute": 600,
                     "quota_limit": 1_000_000,
                     "quota_period": Plan.QuotaPeriod.MONTH,
                     "requires_approval": True,
@@ -63,6 +61,14 @@ class Command(BaseCommand):
             )
             free.apis.add(api)
             pro.apis.add(api)
+            for plan, per_second, burst in ((free, 1, 30), (pro, 10, 100)):
+                RateLimit.objects.get_or_create(
+                    plan=plan,
+                    route=None,
+                    scope=RateLimit.Scope.KEY,
+                    window=RateLimit.Window.SECOND,
+                    defaults={"limit": per_second, "burst": burst},
+                )
             config_bump(reason="demo seeded")
         if created_password:
             self.stdout.write(
