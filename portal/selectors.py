@@ -59,11 +59,14 @@ def quota_usage(subscription: Subscription, *, now: datetime | None = None) -> Q
         import redis
 
         from gateway.dataplane.limiter import quota_counter_name
+        from gateway.dataplane.snapshot import consumer_tag
 
         client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5)
         try:
             name = quota_counter_name(
-                f"s{subscription.pk}", f"sub:{subscription.pk}", start.timestamp()
+                consumer_tag(subscription.consumer_id),
+                f"sub:{subscription.pk}",
+                start.timestamp(),
             )
             used = int(client.get(name) or 0)
         except redis.RedisError:

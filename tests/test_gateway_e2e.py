@@ -65,8 +65,9 @@ def test_key_request_reaches_upstream_with_consumer_and_without_credential(stack
         assert spoofed not in headers, spoofed
     assert "spoofed" not in resp.text and "6.6.6.6" not in resp.text
     assert resp.headers["x-ratelimit-limit"] == "1000"
-    assert resp.headers["ratelimit-policy"] == '"rate";q=1000;w=60, "quota-day";q=10000;w=86400'
-    assert resp.headers["ratelimit"].startswith('"rate";r=')
+    policy = '"key-minute";q=1000;w=60, "quota-day";q=10000;w=86400'
+    assert resp.headers["ratelimit-policy"] == policy
+    assert resp.headers["ratelimit"].startswith('"key-minute";r=')
 
 
 def test_bearer_key_is_accepted_and_not_forwarded(stack, live, dev):

@@ -86,6 +86,11 @@ def rate_template(row, *, origin: str, prefix: str = "") -> RateTemplate:
     )
 
 
+def consumer_tag(consumer_id: int) -> str:
+    """The Redis Cluster hash tag of a consumer's counters (its rates and quotas)."""
+    return f"c{consumer_id}"
+
+
 def resolve_rate(t: RateTemplate, key: KeyEntry | None, client_ip: str) -> LimitRule:
     """The concrete rule of a template for one request (`key` None: anonymous)."""
     if key is None:
@@ -103,7 +108,7 @@ def counter_rule(
     if t.scope == "client_ip" or not consumer:
         who = tag = f"i{client_ip}"
     else:
-        tag = f"c{consumer}"
+        tag = consumer_tag(consumer)
         if t.scope == "key":
             who = f"k{key_pk}" if key_pk else f"j{consumer}"  # JWT: per token subject
         elif t.scope == "organization" and org:
@@ -352,7 +357,7 @@ def _grant(
             counter_rule(t, pk, consumer, org, "") for t in info.rates if t.scope != "client_ip"
         )
         if info.quota:
-            tag = f"c{consumer}"
+            tag = consumer_tag(consumer)
             limits += (LimitRule("quota", f"sub:{sub_id}", info.quota, info.quota_period, tag),)
         ip_rates = tuple(t for t in info.rates if t.scope == "client_ip")
         cached = shared[sub_id] = (limits, ip_rates)
