@@ -4,7 +4,16 @@ from django.contrib import admin
 from django.db import models
 
 from gateway.admin_mixins import ConfigChangeAdmin
-from gateway.models import Api, ApiVersion, ConfigVersion, JwtIssuer, Route, Target, Upstream
+from gateway.models import (
+    Api,
+    ApiVersion,
+    ConfigVersion,
+    JwtIssuer,
+    Policy,
+    Route,
+    Target,
+    Upstream,
+)
 from portal.models import RateLimit
 
 
@@ -79,6 +88,22 @@ class RouteInline(admin.TabularInline):
     show_change_link = True  # hosts, headers, rewrite, timeouts: on the route's own page
 
 
+class PolicyInline(admin.StackedInline):
+    model = Policy
+    extra = 0
+    fields = ["kind", "config", "enabled"]
+    verbose_name_plural = 'Policies (JSON configuration; README, "Policies")'
+
+
+class RoutePolicyInline(PolicyInline):
+    fk_name = "route"
+    verbose_name_plural = "Policies of this route (replacing the API's of the same kind)"
+
+
+class ApiPolicyInline(PolicyInline):
+    fk_name = "api"
+
+
 class JwtIssuerInline(admin.StackedInline):
     model = JwtIssuer
     extra = 0
@@ -130,7 +155,7 @@ class ApiAdmin(ConfigChangeAdmin):
         ),
         ("Client addresses", {"fields": ["ip_allow", "ip_deny"]}),
     ]
-    inlines = [ApiVersionInline, RouteInline, JwtIssuerInline]
+    inlines = [ApiVersionInline, RouteInline, JwtIssuerInline, ApiPolicyInline]
 
 
 class RouteRateLimitInline(admin.TabularInline):
@@ -199,7 +224,7 @@ class RouteAdmin(ConfigChangeAdmin):
             },
         ),
     ]
-    inlines = [RouteRateLimitInline]
+    inlines = [RouteRateLimitInline, RoutePolicyInline]
 
 
 @admin.register(ConfigVersion)

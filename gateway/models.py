@@ -565,3 +565,67 @@ class JwtIssuer(models.Model):
             validate_provider(self.provider_config())
         except ValueError as exc:
             raise ValidationError(str(exc)) from None
+
+
+def parse_policy(kind: str, config):
+    """A policy's configuration as its stage uses it; ValueError (naming the field) if bad."""
+    from gateway.dataplane.stages import cors, transform
+
+    parsers = {
+        "cors": cors.parse_cors,
+        "request_transform": transform.parse_request_transform,
+        "response_transform": transform.parse_response_transform,
+    }
+    return parsers[kind](config)
+
+
+class Policy(models.Model):
+    """A payload policy of an API, or of one route (replacing the API's of the same kind).
+
+    The configuration is JSON, validated by the stage that runs it (README, "Policies")."""
+
+    class Kind(models.TextChoices):
+        CORS = "cors", "CORS"
+        REQUEST_TRANSFORM = "request_transform", "Transform requests"
+        RESPONSE_TRANSFORM = "response_transform", "Transform responses"
+
+    api = models.ForeignKey(
+        Api, null=True, blank=True, related_name="policies", on_delete=models.CASCADE
+    )
+    route = models.ForeignKey(
+        Route, null=True, blank=True, related_name="policies", on_delete=models.CASCADE
+    )
+    kind = models.CharField(max_length=30, choices=Kind.choices)
+    config = models.JSONField(default=dict, blank=True)
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        verbose_name_plural = "policies"
+        ordering = ["api", "route", "kind"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(api__isnull=False) & Q(route__isnull=True))
+                | (Q(api__isnull=True) & Q(route__isnull=False)),
+                name="policy_api_xor_route",
+            ),
+            models.UniqueConstraint(
+                fields=["api", "kind"], condition=Q(api__isnull=False), name="policy_api_kind"
+            ),
+            models.UniqueConstraint(
+                fields=["route", "kind"],
+                condition=Q(route__isnull=False),
+                name="policy_route_kind",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.get_kind_display()
+
+    def clean(self) -> None:
+        """Refuse a configuration the stage could not use, naming the field."""
+        if not self.kind:
+            return
+        try:
+            parse_policy(self.kind, self.config)
+        except ValueError as exc:
+            raise ValidationError({"config": str(exc)}) from None

@@ -83,6 +83,8 @@ def _api_form(catalog, **overrides) -> dict:
         "versions-INITIAL_FORMS": "0",
         "jwt_issuers-TOTAL_FORMS": "0",
         "jwt_issuers-INITIAL_FORMS": "0",
+        "policies-TOTAL_FORMS": "0",
+        "policies-INITIAL_FORMS": "0",
         "auth_methods": "key",
     }
     form.update(overrides)
@@ -181,6 +183,8 @@ def _route_form(catalog, **overrides) -> dict:
         "retries": "1",
         "rate_limits-TOTAL_FORMS": "0",
         "rate_limits-INITIAL_FORMS": "0",
+        "policies-TOTAL_FORMS": "0",
+        "policies-INITIAL_FORMS": "0",
     }
     form.update(overrides)
     return form
@@ -335,3 +339,31 @@ def test_admin_saves_a_jwt_issuer_with_a_jwks_url(admin_client, catalog):
 def test_the_plans_page_lists_each_plans_rate_limits(client, catalog):
     resp = client.get(reverse("portal:plans"))
     assert b"1000/minute + 999 burst per key" in resp.content
+
+
+def test_admin_saves_a_policy_and_refuses_a_bad_one_naming_the_field(admin_client, catalog):
+    from gateway.models import Policy
+
+    def post(config: str):
+        form = _api_form(
+            catalog,
+            name="Demo",
+            slug=catalog.api.slug,
+            **{
+                "policies-TOTAL_FORMS": "1",
+                "policies-0-kind": "request_transform",
+                "policies-0-config": config,
+                "policies-0-enabled": "on",
+            },
+        )
+        return admin_client.post(reverse("admin:gateway_api_change", args=[catalog.api.pk]), form)
+
+    before = config_current_version()
+    resp = post('{"headers": {"add": {"Bad Name": "x"}}}')
+    assert resp.status_code == 200
+    assert b"headers.add: &#x27;Bad Name&#x27; is not a header name" in resp.content
+    assert not Policy.objects.exists() and config_current_version() == before
+    resp = post('{"headers": {"add": {"X-Source": "gateway"}}}')
+    assert resp.status_code == 302, resp.content[:2000]
+    assert Policy.objects.get().config == {"headers": {"add": {"X-Source": "gateway"}}}
+    assert config_current_version() == before + 1

@@ -48,11 +48,13 @@ from gateway.dataplane.snapshot import (
 )
 from gateway.dataplane.stages.authenticate import AuthenticateStage
 from gateway.dataplane.stages.authorize import AuthorizeStage
+from gateway.dataplane.stages.cors import CorsStage
 from gateway.dataplane.stages.ip_policy import IpPolicyStage
 from gateway.dataplane.stages.jwt_auth import JwtAuthenticateStage
 from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
 from gateway.dataplane.stages.proxy import HOST_VALUE, ProxyHandler, body_too_large
+from gateway.dataplane.stages.transform import RequestTransformStage
 
 log = logging.getLogger("gateway")
 
@@ -334,6 +336,9 @@ class GatewayApp:
         assert self.settings is not None and self.limiter is not None
         # Only the stages a route uses are in its pipeline, in DESIGN.md's order.
         stages: list = []
+        policies = route.policies
+        if "cors" in policies:  # before anything that could refuse a preflight
+            stages.append(CorsStage(policies["cors"]))
         if route.ip_allow or route.ip_deny:
             stages.append(
                 IpPolicyStage(allow=route.ip_allow, deny=route.ip_deny, api_slug=route.api_slug)
@@ -342,8 +347,14 @@ class GatewayApp:
             stages.extend(self._key_stages(route, keys, identities or {}))
         elif route.route_rates:  # per-client-IP limits of a public route
             stages.append(self._limit_stage(route))
+        request_transform = policies.get("request_transform")
+        if request_transform is not None and (request_transform.query or request_transform.json):
+            stages.append(RequestTransformStage(request_transform))
         route.stages = stages
         route.handler = ProxyHandler(
+            request_headers=request_transform.headers if request_transform else None,
+            response=policies.get("response_transform"),
+            cors="cors" in policies,
             session_getter=self._get_session,
             key_header=route.key_header,
             preserve_host=route.preserve_host,
@@ -653,6 +664,19 @@ class GatewayApp:
         )
         if matched is None:
             return problem("not-found", f"No API is served at {path}.", request_id=ctx.request_id)
+        if isinstance(matched, MethodNotAllowed) and ctx.method == "OPTIONS":
+            # A CORS preflight asks about the method it will send: the route serving that
+            # method answers it (its CORS stage comes first), even if it takes no OPTIONS.
+            wanted = ctx.header(b"access-control-request-method")
+            if wanted is not None and ctx.header(b"origin") is not None:
+                again = snapshot.router.match(
+                    wanted.decode("latin-1").strip().upper(),
+                    path,
+                    scope["headers"],
+                    scope.get("query_string", b""),
+                )
+                if isinstance(again, tuple) and "cors" in again[0].policies:
+                    matched = again
         if isinstance(matched, MethodNotAllowed):
             return problem(
                 "method-not-allowed",
@@ -704,8 +728,10 @@ class GatewayApp:
             (b"date", http_date()),
             (b"x-request-id", ctx.request_id.encode()),
         ]
-        if response.status != 429:  # a 429 carries its own limit headers
-            headers.extend(ctx.response_headers)
+        # What stages added (CORS, version deprecation, the limits of an admitted request): a
+        # browser reads a gateway error only with its CORS headers. A 429's limit headers are
+        # its own (the limit stage adds them to ctx only when it admits).
+        headers.extend(ctx.response_headers)
         ctx.status = response.status
         ctx.response_started = True
         ctx.bytes_out += len(response.body)

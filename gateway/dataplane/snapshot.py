@@ -220,6 +220,8 @@ class RouteEntry:
     version: str = ""
     # Added to every answer of this route (Deprecation, Sunset, Link of a deprecated version).
     extra_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # Payload policies by kind ("cors", "request_transform", …), parsed (models.parse_policy).
+    policies: dict[str, object] = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)
     handler: Handler | None = None
 
@@ -248,6 +250,8 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
         .prefetch_related(
             "routes__upstream__targets",
             "routes__rate_limits",
+            "routes__policies",
+            "policies",
             "upstream__targets",
             "jwt_issuers",
             "versions__upstream__targets",
@@ -451,6 +455,26 @@ def _version_headers(version) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(out)
 
 
+def compile_policies(api, route) -> dict[str, object]:
+    """The enabled policies of a route: the API's, each replaced by the route's own of its
+    kind. A bad configuration raises RouteConfigError (the snapshot is refused)."""
+    from gateway.models import parse_policy
+
+    chosen = {p.kind: p for p in api.policies.all() if p.enabled}
+    for p in route.policies.all():
+        if p.enabled:
+            chosen[p.kind] = p
+        else:
+            chosen.pop(p.kind, None)  # a disabled route policy switches the API's off here
+    out = {}
+    for kind, p in chosen.items():
+        try:
+            out[kind] = parse_policy(kind, p.config)
+        except ValueError as exc:
+            raise routing.RouteConfigError("policies", f"{kind}: {exc}") from None
+    return out
+
+
 def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) -> list[RouteEntry]:
     """The router entries of one route: one per API version it serves (and, for the default
     version of a path-versioned API, one without the version segment)."""
@@ -474,6 +498,7 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
             slots.add((row.scope, row.window))
             templates.append(rate_template(row, origin=f"r{route.pk}p{row.plan_id}"))
     rate_overrides = {p: (frozenset(sl), tuple(ts)) for p, (sl, ts) in overrides.items()}
+    policies = compile_policies(api, route)
     max_body = default_max_body if route.max_body_bytes is None else route.max_body_bytes
     scheme = api.version_scheme
     versions = list(api.versions.all()) if scheme != "none" else []
@@ -538,6 +563,7 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
                 required_scopes=frozenset(route.required_scopes.split()),
                 route_rates=tuple(route_rates),
                 rate_overrides=rate_overrides,
+                policies=policies,
                 strip=(api_prefix + "".join("/" + s for s in version_segment))
                 if route.strip_prefix
                 else "",

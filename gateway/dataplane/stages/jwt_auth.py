@@ -75,6 +75,7 @@ class JwtAuthenticateStage(Stage):
             )
         ctx.key = _grant_for(entries, self.api_id)
         ctx.scopes = verified.scopes
+        ctx.claims = verified.claims
         return None
 
     def _invalid(self, ctx: RequestContext, detail: str) -> LocalResponse:

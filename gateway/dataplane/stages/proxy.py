@@ -9,6 +9,7 @@ must not be read forever for nobody).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from random import getrandbits
@@ -21,6 +22,7 @@ from yarl import URL
 from gateway.dataplane.balancer import IDEMPOTENT, RETRY_STATUSES, TargetState
 from gateway.dataplane.context import ClientDisconnected, LocalResponse, RequestContext
 from gateway.dataplane.problems import problem
+from gateway.dataplane.stages.transform import HeaderOps, ResponseTransform, is_json
 
 # RFC 9110 §7.6.1 hop-by-hop fields.
 HOP_BY_HOP = frozenset(
@@ -110,6 +112,9 @@ class ProxyHandler:
         preserve_host: bool = False,
         forward_credential: bool = False,
         key_query_param: str = "",
+        request_headers: HeaderOps | None = None,
+        response: ResponseTransform | None = None,
+        cors: bool = False,
     ) -> None:
         self._session = session_getter
         self.key_header = key_header  # the API's credential header: not forwarded by default
@@ -119,6 +124,15 @@ class ProxyHandler:
         self.preserve_host = preserve_host
         self.forward_credential = forward_credential
         self.key_query_param = key_query_param
+        # Transformation policies (stages/transform.py): header operations on what goes
+        # upstream, and on what comes back (headers, JSON body).
+        self.request_headers = request_headers
+        self.response = response
+        self.response_json = response.json if response is not None else None
+        self.response_headers = response.headers if response is not None else None
+        # The route's CORS policy speaks for it: an upstream's own Access-Control-* headers
+        # would make a second Allow-Origin, which browsers reject.
+        self.cors = cors
 
     def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict:
         drop = self.drop
@@ -189,6 +203,12 @@ class ProxyHandler:
         if key is not None:
             out["X-Consumer-ID"] = str(key.consumer_id)
             out["X-Consumer-Plan"] = key.plan_slug
+        if self.response_json is not None:
+            out["Accept-Encoding"] = "identity"  # the JSON answer is read to be transformed
+        if self.request_headers is not None:
+            pairs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
+            pairs = self.request_headers.apply(pairs, ctx)
+            out = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs)
         return out
 
     async def _body(self, ctx: RequestContext):
@@ -345,6 +365,14 @@ class ProxyHandler:
                     balancer.succeeded(target)
                     verdict = "judged"
                 out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_RETURNED]
+                if self.cors:
+                    out = [(k, v) for k, v in out if not k.lower().startswith(b"access-control-")]
+                if self.response_headers is not None:
+                    out = self.response_headers.apply(out, ctx)
+                if self.response_json is not None and is_json(
+                    resp.headers.get("content-type", "").encode("latin-1")
+                ):
+                    return await self._send_transformed(ctx, resp, status, out)
                 out.append((b"x-request-id", ctx.request_id.encode()))
                 out.append(_VIA_RESPONSE)
                 out.extend(ctx.response_headers)
@@ -400,6 +428,53 @@ class ProxyHandler:
                 balancer.failed(target)
             elif verdict is None:
                 balancer.abandoned(target)
+
+    async def _send_transformed(self, ctx: RequestContext, resp, status: int, out) -> None:
+        """A JSON answer read whole (under the policy's cap), transformed, then sent; one that
+        cannot be checked (too large, compressed) is refused rather than passed on."""
+        transform = self.response
+        assert transform is not None and self.response_json is not None
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        raw = await resp.content.read(transform.max_body + 1)
+        if len(raw) > transform.max_body or encoding not in ("", "identity"):
+            ctx.error_kind = "response_untransformable"
+            why = "too large" if len(raw) > transform.max_body else f"{encoding}-encoded"
+            await _send_problem(
+                ctx,
+                problem(
+                    "bad-gateway",
+                    f"The upstream's JSON answer is {why} and cannot be transformed.",
+                    request_id=ctx.request_id,
+                ),
+            )
+            return None
+        body = raw
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            pass  # not JSON after all: passed on as it came
+        else:
+            body = json.dumps(self.response_json.apply(doc, ctx), separators=(",", ":")).encode()
+        out = [(k, v) for k, v in out if k.lower() != b"content-length"]
+        out.append((b"content-length", str(len(body)).encode()))
+        out.append((b"x-request-id", ctx.request_id.encode()))
+        out.append(_VIA_RESPONSE)
+        out.extend(ctx.response_headers)
+        ctx.status = status
+        ctx.response_started = True
+        ctx.bytes_out += len(body)
+        await ctx.send({"type": "http.response.start", "status": status, "headers": out})
+        await ctx.send({"type": "http.response.body", "body": body, "more_body": False})
+        return None
+
+
+async def _send_problem(ctx: RequestContext, response: LocalResponse) -> None:
+    headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
+    headers.append((b"x-request-id", ctx.request_id.encode()))
+    ctx.status = response.status
+    ctx.response_started = True
+    await ctx.send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await ctx.send({"type": "http.response.body", "body": response.body, "more_body": False})
 
 
 def _timeout_problem(ctx: RequestContext) -> LocalResponse:
