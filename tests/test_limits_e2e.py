@@ -224,3 +224,49 @@ def test_redis_killed_and_restarted_under_load_fails_open_or_closed_then_limits_
         assert seen and 500 not in seen and set(seen) <= {200, 429}, set(seen)
     finally:
         node.stop()
+
+
+def test_route_limits_by_client_ip_and_per_route_overrides_of_a_plan(stack, live, dev):
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from gateway.models import Route
+
+    with transaction.atomic():
+        public = Route.objects.create(api=live.api, name="public", path="/public", anonymous=True)
+        search = Route.objects.create(api=live.api, name="search", path="/search")
+        config_bump(reason="routes")
+    # Anonymous: two per minute per client address (a burst of one over the even pace).
+    set_rate_limit(route=public, scope="client_ip", limit=2, burst=1)
+    # The plan's 1000/minute per key becomes 2/minute on /search for Free's keys.
+    set_rate_limit(plan=live.free, route=search, limit=2, burst=1)
+    issued = active_key(dev, live.free, name="override")
+    from portal.keys import key_issue
+
+    probe = key_issue(issued.api_key.subscription, name="probe")
+    wait_for_key(stack, probe.key)
+
+    def policy(path: str, **headers) -> str:
+        return stack.get(path, headers=headers).headers.get("ratelimit-policy", "")
+
+    wait_until(
+        lambda: (
+            "route-ip-minute" in policy("/demo/public/x")
+            and '"key-minute";q=2' in policy("/demo/search", **{"X-API-Key": probe.key})
+        ),
+        timeout=10,
+        what="the route limits",
+    )
+    key = {"X-API-Key": issued.key}
+    assert [stack.get("/demo/search", headers=key).status_code for _ in range(3)] == [
+        200,
+        200,
+        429,
+    ]
+    assert stack.get("/demo/other", headers=key).status_code == 200  # the plan's own rule
+    # The anonymous route's counter is per client address; this test used some of it already
+    # while waiting, so it is refusing now or after at most two more.
+    codes = [stack.get("/demo/public/x").status_code for _ in range(3)]
+    assert codes[-1] == 429
+    refused = stack.get("/demo/public/x")
+    assert "per client IP" in refused.json()["detail"]
