@@ -214,6 +214,9 @@ GATEWAY = {
     # Peers whose X-Forwarded-For/-Proto/-Host and Forwarded headers are believed (CIDRs,
     # comma-separated), e.g. the load balancer in front of the gateway. Empty: nobody's.
     "TRUSTED_PROXIES": env_cidrs("GATEWAY_TRUSTED_PROXIES"),
+    # Response cache of the embedded default, per worker (an LRU by bytes); with REDIS_URL
+    # the cache is in Redis and this is unused.
+    "CACHE_MEMORY_BYTES": env_int("GATEWAY_CACHE_MEMORY_BYTES", 64 * 1024 * 1024, minimum=0),
 }
 
 # --- Analytics ----------------------------------------------------------------------------

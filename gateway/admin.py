@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db import models
 
+from gateway.actions import cache_purge
 from gateway.admin_mixins import ConfigChangeAdmin
 from gateway.models import (
     Api,
@@ -156,6 +157,13 @@ class ApiAdmin(ConfigChangeAdmin):
         ("Client addresses", {"fields": ["ip_allow", "ip_deny"]}),
     ]
     inlines = [ApiVersionInline, RouteInline, JwtIssuerInline, ApiPolicyInline]
+    actions = ["purge_cache"]
+
+    @admin.action(description="Purge the response cache of the selected APIs")
+    def purge_cache(self, request, queryset) -> None:
+        for api in queryset:
+            cache_purge(api=api, actor=request.user)
+        self.message_user(request, f"Cache purged for {len(queryset)} API(s).", messages.SUCCESS)
 
 
 class RouteRateLimitInline(admin.TabularInline):
@@ -225,6 +233,13 @@ class RouteAdmin(ConfigChangeAdmin):
         ),
     ]
     inlines = [RouteRateLimitInline, RoutePolicyInline]
+    actions = ["purge_cache"]
+
+    @admin.action(description="Purge the response cache of the selected routes")
+    def purge_cache(self, request, queryset) -> None:
+        for route in queryset:
+            cache_purge(route=route, actor=request.user)
+        self.message_user(request, f"Cache purged for {len(queryset)} route(s).", messages.SUCCESS)
 
 
 @admin.register(ConfigVersion)

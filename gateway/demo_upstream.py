@@ -18,7 +18,12 @@ import json
 from urllib.parse import parse_qs
 
 MAX_ECHO_BODY = 1 << 20  # larger bodies are counted, not echoed
-STATS = {"streams_completed": 0, "streams_abandoned": 0, "stream_chunks_sent": 0}
+STATS = {
+    "streams_completed": 0,
+    "streams_abandoned": 0,
+    "stream_chunks_sent": 0,
+    "requests": {},  # "path?query" -> how many echo requests asked for it (tests of caching)
+}
 MODE = {"status": 0}  # /_mode: answer every request with this status (0: normally)
 
 
@@ -152,6 +157,9 @@ async def app(scope, receive, send) -> None:
     if scope["path"] == "/healthz":
         await _json(send, 200, {"status": "ok"})
         return
+    target = scope["path"] + "?" + scope.get("query_string", b"").decode("latin-1")
+    if len(STATS["requests"]) < 10_000 or target in STATS["requests"]:  # bounded
+        STATS["requests"][target] = STATS["requests"].get(target, 0) + 1
     if scope["path"].startswith("/delay/"):  # like httpbin's /delay/<seconds>: a slow answer
         try:
             delay = min(max(float(scope["path"][7:]), 0.0), 30.0)

@@ -303,6 +303,9 @@ class Api(models.Model):
         default=LimiterFailure.OPEN,
         help_text="What to do when the shared limit store (Redis) cannot be reached.",
     )
+    cache_generation = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Bumped by a purge: older entries are unreachable."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -472,6 +475,7 @@ class Route(models.Model):
         help_text="Overrides the API's upstream for this route.",
     )
     enabled = models.BooleanField(default=True)
+    cache_generation = models.PositiveIntegerField(default=0, editable=False)
 
     class Meta:
         ordering = ["api", "path"]
@@ -569,12 +573,13 @@ class JwtIssuer(models.Model):
 
 def parse_policy(kind: str, config):
     """A policy's configuration as its stage uses it; ValueError (naming the field) if bad."""
-    from gateway.dataplane.stages import cors, transform
+    from gateway.dataplane.stages import cache, cors, transform
 
     parsers = {
         "cors": cors.parse_cors,
         "request_transform": transform.parse_request_transform,
         "response_transform": transform.parse_response_transform,
+        "cache": cache.parse_cache,
     }
     return parsers[kind](config)
 
@@ -588,6 +593,7 @@ class Policy(models.Model):
         CORS = "cors", "CORS"
         REQUEST_TRANSFORM = "request_transform", "Transform requests"
         RESPONSE_TRANSFORM = "response_transform", "Transform responses"
+        CACHE = "cache", "Cache GET and HEAD answers"
 
     api = models.ForeignKey(
         Api, null=True, blank=True, related_name="policies", on_delete=models.CASCADE
@@ -626,6 +632,15 @@ class Policy(models.Model):
         if not self.kind:
             return
         try:
-            parse_policy(self.kind, self.config)
+            parsed = {self.kind: parse_policy(self.kind, self.config)}
+            # With the saved policies beside it: some combinations are refused (snapshot.py).
+            siblings = Policy.objects.filter(api_id=self.api_id, route_id=self.route_id)
+            for other in siblings.exclude(pk=self.pk).exclude(kind=self.kind):
+                if other.enabled:
+                    parsed[other.kind] = parse_policy(other.kind, other.config)
+            from gateway.dataplane.snapshot import check_policies
+
+            check_policies(parsed)
         except ValueError as exc:
-            raise ValidationError({"config": str(exc)}) from None
+            message = exc.message if isinstance(exc, routing.RouteConfigError) else str(exc)
+            raise ValidationError({"config": message}) from None

@@ -160,3 +160,18 @@ def test_a_bad_policy_is_refused_in_admin_with_the_field(admin_client, live):
     with pytest.raises(Exception) as err:
         policy.full_clean()
     assert "headers.set" in str(err.value)
+
+
+def test_a_shared_cache_behind_a_consumer_injecting_transform_is_refused(live):
+    from gateway.models import Policy
+
+    Policy.objects.create(
+        api=live.api,
+        kind="request_transform",
+        config={"headers": {"set": {"X-Who": "${consumer}"}}},
+    )
+    shared = Policy(api=live.api, kind="cache", config={"ttl": 5, "share_across_consumers": True})
+    with pytest.raises(Exception) as err:
+        shared.full_clean()
+    assert "share_across_consumers is not allowed" in str(err.value)
+    Policy(api=live.api, kind="cache", config={"ttl": 5}).full_clean()  # per consumer: fine

@@ -48,6 +48,7 @@ from gateway.dataplane.snapshot import (
 )
 from gateway.dataplane.stages.authenticate import AuthenticateStage
 from gateway.dataplane.stages.authorize import AuthorizeStage
+from gateway.dataplane.stages.cache import CacheStage, MemoryStore, RedisStore
 from gateway.dataplane.stages.cors import CorsStage
 from gateway.dataplane.stages.ip_policy import IpPolicyStage
 from gateway.dataplane.stages.jwt_auth import JwtAuthenticateStage
@@ -122,6 +123,7 @@ class GatewayApp:
         self._jwks_build: dict[str, JwksCache] = {}
         self._verifiers: dict[int, JwtVerifier] = {}
         self._jwks_starts: set[asyncio.Task] = set()
+        self.cache_store: MemoryStore | RedisStore | None = None  # response cache, per worker
         self.health = HealthChecker(self._get_session)
         self._drops_reported = 0
         self._seen: tuple[str, int] = ("", -1)  # the config (epoch, version) last processed
@@ -174,9 +176,11 @@ class GatewayApp:
         if s.redis_url:
             self._redis = redis_client(s.redis_url, timeout=s.redis_timeout)
             self.limiter = RedisLimiter(self._redis)
+            self.cache_store = RedisStore(self._redis)
             sink = RedisStreamSink(self._redis, s.log_stream, maxlen=s.log_stream_maxlen)
         else:
             self.limiter = MemoryLimiter()
+            self.cache_store = MemoryStore(s.cache_memory_bytes)
             await self._run_db(self._load_counters)
             sink = SpoolSink(s.log_spool_dir)
         self.shipper = LogShipper(self.buffer, sink, interval=s.log_flush_interval)
@@ -350,6 +354,16 @@ class GatewayApp:
         request_transform = policies.get("request_transform")
         if request_transform is not None and (request_transform.query or request_transform.json):
             stages.append(RequestTransformStage(request_transform))
+        if "cache" in policies:
+            stages.append(
+                CacheStage(
+                    policies["cache"],
+                    store=self.cache_store,
+                    api_id=route.api_id,
+                    route_id=route.id,
+                    generation=route.cache_generation,
+                )
+            )
         route.stages = stages
         route.handler = ProxyHandler(
             request_headers=request_transform.headers if request_transform else None,

@@ -55,6 +55,7 @@ class RequestContext:
     credential: str = ""  # where the credential came from: "header", "bearer" or "query"
     scopes: frozenset[str] = frozenset()  # what the credential holds (JWT scope, key scopes)
     claims: dict | None = None  # a verified JWT's claims
+    cache_capture: Any = None  # stages/cache.Capture: a cache miss the proxy's answer fills
     body_done: bool = False  # the whole request body has been received
     body_too_large: bool = False  # the body passed the route's limit while streaming
     body_streamed: bool = False  # part of a streamed body went upstream: no retry

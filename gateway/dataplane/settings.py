@@ -24,6 +24,7 @@ class GatewaySettings:
     key_hmac_secret: bytes
     max_body_bytes: int = 0
     trusted_proxies: tuple[str, ...] = ()
+    cache_memory_bytes: int = 64 << 20
 
 
 def load_settings() -> GatewaySettings:
@@ -56,4 +57,5 @@ def load_settings() -> GatewaySettings:
         key_hmac_secret=settings.API_KEY_HMAC_SECRET.encode(),
         max_body_bytes=g["MAX_BODY_BYTES"],
         trusted_proxies=g["TRUSTED_PROXIES"],
+        cache_memory_bytes=g["CACHE_MEMORY_BYTES"],
     )

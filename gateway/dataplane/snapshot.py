@@ -222,6 +222,7 @@ class RouteEntry:
     extra_headers: tuple[tuple[bytes, bytes], ...] = ()
     # Payload policies by kind ("cors", "request_transform", …), parsed (models.parse_policy).
     policies: dict[str, object] = field(default_factory=dict)
+    cache_generation: str = ""  # "<api>.<route>" purge generations, part of every cache key
     stages: list[Stage] = field(default_factory=list)
     handler: Handler | None = None
 
@@ -472,7 +473,25 @@ def compile_policies(api, route) -> dict[str, object]:
             out[kind] = parse_policy(kind, p.config)
         except ValueError as exc:
             raise routing.RouteConfigError("policies", f"{kind}: {exc}") from None
+    check_policies(out)
     return out
+
+
+def check_policies(policies: dict[str, object]) -> None:
+    """Refuse combinations no single policy can see: a cache shared across consumers in
+    front of a transformation that injects consumer context would serve one consumer's
+    answer to another."""
+    from gateway.dataplane.stages.transform import injects_consumer
+
+    cache = policies.get("cache")
+    if cache is not None and cache.shared:
+        for kind in ("request_transform", "response_transform"):
+            if injects_consumer(policies.get(kind)):
+                raise routing.RouteConfigError(
+                    "policies",
+                    f"cache: share_across_consumers is not allowed with a {kind} that sets "
+                    "consumer context (${consumer}, ${plan}, ${claim.…}).",
+                )
 
 
 def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) -> list[RouteEntry]:
@@ -564,6 +583,7 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
                 route_rates=tuple(route_rates),
                 rate_overrides=rate_overrides,
                 policies=policies,
+                cache_generation=f"{api.cache_generation}.{route.cache_generation}",
                 strip=(api_prefix + "".join("/" + s for s in version_segment))
                 if route.strip_prefix
                 else "",

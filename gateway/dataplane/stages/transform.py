@@ -327,6 +327,19 @@ class ResponseTransform:
     max_body: int = DEFAULT_MAX_BODY
 
 
+def injects_consumer(transform: RequestTransform | ResponseTransform | None) -> bool:
+    """Whether a transformation puts consumer context (consumer, plan, a claim) anywhere."""
+    if transform is None:
+        return False
+    for ops in (transform.headers, getattr(transform, "query", None), transform.json):
+        if ops is None:
+            continue
+        for _, value in (*ops.set, *ops.add):
+            if value.uses_consumer:
+                return True
+    return False
+
+
 def parse_request_transform(doc: Any) -> RequestTransform:
     """A request_transform policy's configuration, validated."""
     doc = _check_keys(doc, ("headers", "query", "json", "max_body_bytes"), "config")
