@@ -118,6 +118,54 @@ async def _hold(send) -> None:
     await send({"type": "http.response.body", "body": b"rest\n"})
 
 
+async def _websocket(scope, receive, send) -> None:
+    """An echo WebSocket: text and binary messages come back as they went; the text
+    "headers" answers the handshake's headers as JSON; "close <code>" closes with it."""
+    msg = await receive()
+    if msg["type"] != "websocket.connect":
+        return
+    accept = {"type": "websocket.accept"}
+    if scope.get("subprotocols"):
+        accept["subprotocol"] = scope["subprotocols"][0]
+    await send(accept)
+    while True:
+        msg = await receive()
+        if msg["type"] == "websocket.disconnect":
+            return
+        text = msg.get("text")
+        if text == "headers":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            await send({"type": "websocket.send", "text": json.dumps(headers)})
+        elif text is not None and text.startswith("close "):
+            await send({"type": "websocket.close", "code": int(text[6:])})
+            return
+        elif text is not None:
+            await send({"type": "websocket.send", "text": text})
+        else:
+            await send({"type": "websocket.send", "bytes": msg.get("bytes") or b""})
+
+
+BARRIERS: dict[str, tuple[list[int], asyncio.Event]] = {}
+
+
+async def _barrier(scope, send) -> None:
+    params = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    key = params.get("key", [""])[0]
+    n = int(params.get("n", ["1"])[0]) if params.get("n", ["1"])[0].isdigit() else 1
+    if len(BARRIERS) > 1000:
+        BARRIERS.clear()
+    count, event = BARRIERS.setdefault(key, ([0], asyncio.Event()))
+    count[0] += 1
+    if count[0] >= n:
+        event.set()
+    try:
+        await asyncio.wait_for(event.wait(), 5)
+    except TimeoutError:
+        await _json(send, 504, {"barrier": "timeout", "arrived": count[0]})
+        return
+    await _json(send, 200, {"name": scope["path"][10:], "arrived": count[0]})
+
+
 async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -127,6 +175,9 @@ async def app(scope, receive, send) -> None:
             elif msg["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await _websocket(scope, receive, send)
+        return
     if scope["type"] != "http":
         return
     if scope["path"] == "/stream":
@@ -140,6 +191,11 @@ async def app(scope, receive, send) -> None:
         return
     if scope["path"] == "/hold":  # one chunk now, the rest after a GET of /_release
         await _hold(send)
+        return
+    if scope["path"].startswith("/_barrier/"):
+        # /_barrier/<name>?key=K&n=N: held until N requests with key K have arrived (5 s at
+        # most, then 504): only calls made in parallel all get through.
+        await _barrier(scope, send)
         return
     if scope["path"] == "/_release":
         RELEASE.set()

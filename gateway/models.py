@@ -573,13 +573,15 @@ class JwtIssuer(models.Model):
 
 def parse_policy(kind: str, config):
     """A policy's configuration as its stage uses it; ValueError (naming the field) if bad."""
-    from gateway.dataplane.stages import cache, cors, transform
+    from gateway.dataplane.stages import aggregate, cache, cors, transform, websocket
 
     parsers = {
         "cors": cors.parse_cors,
         "request_transform": transform.parse_request_transform,
         "response_transform": transform.parse_response_transform,
         "cache": cache.parse_cache,
+        "aggregate": aggregate.parse_aggregate,
+        "websocket": websocket.parse_websocket,
     }
     return parsers[kind](config)
 
@@ -594,6 +596,8 @@ class Policy(models.Model):
         REQUEST_TRANSFORM = "request_transform", "Transform requests"
         RESPONSE_TRANSFORM = "response_transform", "Transform responses"
         CACHE = "cache", "Cache GET and HEAD answers"
+        AGGREGATE = "aggregate", "Aggregate several upstream calls (a route's only)"
+        WEBSOCKET = "websocket", "Take WebSocket connections"
 
     api = models.ForeignKey(
         Api, null=True, blank=True, related_name="policies", on_delete=models.CASCADE
@@ -631,6 +635,8 @@ class Policy(models.Model):
         """Refuse a configuration the stage could not use, naming the field."""
         if not self.kind:
             return
+        if self.kind == self.Kind.AGGREGATE and self.route_id is None and self.api_id:
+            raise ValidationError({"kind": "Aggregation is configured on a route."})
         try:
             parsed = {self.kind: parse_policy(self.kind, self.config)}
             # With the saved policies beside it: some combinations are refused (snapshot.py).
@@ -641,6 +647,11 @@ class Policy(models.Model):
             from gateway.dataplane.snapshot import check_policies
 
             check_policies(parsed)
+            if self.kind == self.Kind.AGGREGATE:
+                names = {c.upstream for c in parsed[self.kind].calls}
+                known = set(Upstream.objects.filter(name__in=names).values_list("name", flat=True))
+                if names - known:
+                    raise ValueError(f"calls: no upstream named {sorted(names - known)[0]!r}.")
         except ValueError as exc:
             message = exc.message if isinstance(exc, routing.RouteConfigError) else str(exc)
             raise ValidationError({"config": message}) from None

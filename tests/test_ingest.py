@@ -149,7 +149,7 @@ def test_last_used_is_set_from_the_log(developer, catalog):
 
 def batch_of(*events: dict) -> bytes:
     """Events in the gateway's wire format."""
-    return encode_batch([tuple(e[f] for f in EVENT_FIELDS) for e in events])
+    return encode_batch([tuple(e.get(f) for f in EVENT_FIELDS) for e in events])
 
 
 def test_spool_files_are_removed_only_after_ingest(tmp_path):

@@ -45,7 +45,10 @@ from gateway.dataplane.snapshot import (
     load_identities,
     load_key_delta,
     load_keys,
+    load_upstreams,
 )
+from gateway.dataplane.stages.aggregate import AggregateHandler
+from gateway.dataplane.stages.aggregate import Call as AggregateCall
 from gateway.dataplane.stages.authenticate import AuthenticateStage
 from gateway.dataplane.stages.authorize import AuthorizeStage
 from gateway.dataplane.stages.cache import CacheStage, MemoryStore, RedisStore
@@ -56,12 +59,16 @@ from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
 from gateway.dataplane.stages.proxy import HOST_VALUE, ProxyHandler, body_too_large
 from gateway.dataplane.stages.transform import RequestTransformStage
+from gateway.dataplane.stages.websocket import WebSocketProxy
+from gateway.dataplane.stages.websocket import deny as websocket_deny
 
 log = logging.getLogger("gateway")
 
 # An inbound X-Request-ID is kept when it looks like an id (correlation across hops); anything
 # else is replaced. It never becomes the log event's id: clients must not collide events.
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
+# Stages about HTTP payloads: a WebSocket handshake skips them (its messages are relayed).
+_NOT_FOR_WEBSOCKET = frozenset({"cors", "transform_request", "cache"})
 RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to build is tried again this often
 BUILD_SWITCH_INTERVAL = 0.0005  # seconds; sys.setswitchinterval while a snapshot builds
 
@@ -138,7 +145,7 @@ class GatewayApp:
         elif kind == "lifespan":
             await self.lifespan(receive, send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
+            await self.handle_websocket(scope, receive, send)
 
     async def lifespan(self, receive, send) -> None:
         while True:
@@ -299,6 +306,7 @@ class GatewayApp:
                 default_max_body=self.settings.max_body_bytes,
                 targets=self.targets,
                 identities=load_identities(),
+                upstream_models=load_upstreams(),
             )
 
         # While the build thread runs, hand the GIL back to the event loop sooner than the
@@ -365,7 +373,17 @@ class GatewayApp:
                 )
             )
         route.stages = stages
-        route.handler = ProxyHandler(
+        if route.aggregate is not None:
+            partial, calls = route.aggregate
+            params = route.param_names or tuple(route.regex.groupindex if route.regex else ())
+            route.handler = AggregateHandler(
+                calls=[AggregateCall(spec, up) for spec, up in calls],
+                partial=partial,
+                session_getter=self._get_session,
+                params=params,
+            )
+            return
+        route.handler = http = ProxyHandler(
             request_headers=request_transform.headers if request_transform else None,
             response=policies.get("response_transform"),
             cors="cors" in policies,
@@ -375,6 +393,10 @@ class GatewayApp:
             forward_credential=route.forward_credential,
             key_query_param=route.key_query_param,
         )
+        if "websocket" in policies:
+            route.websocket = WebSocketProxy(
+                config=policies["websocket"], http=http, session_getter=self._get_session
+            )
 
     def _key_stages(self, route: RouteEntry, keys: dict[str, KeyEntry], identities) -> list:
         s = self.settings
@@ -597,34 +619,7 @@ class GatewayApp:
         if server is not None and server[1] == self._ops_port:
             await self.handle_ops(scope, send)
             return
-        client = scope.get("client")
-        peer = client[0] if client else ""
-        event_id = f"{getrandbits(128):032x}"
-        ctx = RequestContext(
-            scope=scope,
-            receive=receive,
-            send=send,
-            request_id=event_id,
-            method=scope["method"],
-            path=scope["path"],
-            client_ip=peer,
-            event_id=event_id,
-            peer_ip=peer,
-        )
-        hosts = 0
-        for k, v in scope["headers"]:
-            if k == b"host":
-                # Routing reads one Host, forwarding another, if there are two (RFC 9112
-                # §3.2: 400); an odd one could break out of Forwarded's quoted host.
-                hosts += 1
-                if hosts > 1 or not HOST_VALUE.match(v):
-                    ctx.bad_host = True
-            elif k == b"x-request-id" and ctx.request_id_generated and _REQUEST_ID.match(v):
-                ctx.request_id = v.decode()
-                ctx.request_id_generated = False
-        if self._trusted_proxies and self._is_trusted(peer):
-            ctx.trusted_peer = True
-            ctx.client_ip = self._forwarded_client(scope["headers"]) or peer
+        ctx = self._new_context(scope, receive, send, scope["method"])
         try:
             response = await self._dispatch(ctx)
             if response is not None and not ctx.client_gone:
@@ -646,21 +641,79 @@ class GatewayApp:
                     ctx, problem("internal", "Unexpected error.", request_id=ctx.request_id)
                 )
         finally:
-            if ctx.client_gone:
-                # As nginx logs it: the client closed the connection before the full answer.
-                ctx.status = 499
-                ctx.error_kind = "client_disconnected"
-            elif ctx.status == 0:
-                ctx.status = 499
-            route = ctx.route
-            if route is not None:
-                for stage in route.stages:
-                    stage.on_complete(ctx)
-            if self.log_stage is not None:
-                self.log_stage.on_complete(ctx)
-            self.metrics_stage.on_complete(ctx)
+            self._complete(ctx)
 
-    async def _dispatch(self, ctx: RequestContext) -> LocalResponse | None:
+    async def handle_websocket(self, scope, receive, send) -> None:
+        """A WebSocket handshake: the route's stages, then the relay (stages/websocket.py)."""
+        ctx = self._new_context(scope, receive, send, "GET")
+        try:
+            response = await self._dispatch(ctx, websocket=True)
+            if response is not None:
+                await websocket_deny(ctx, response)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            ctx.error_kind = ctx.error_kind or "internal"
+            self._errors.report("websocket %s failed", ctx, exc_info=True)
+            if not ctx.response_started:
+                with contextlib.suppress(Exception):
+                    await websocket_deny(
+                        ctx, problem("internal", "Unexpected error.", request_id=ctx.request_id)
+                    )
+        finally:
+            self._complete(ctx)
+
+    def _complete(self, ctx: RequestContext) -> None:
+        """After the client has its answer: the stages' completion hooks, log, metrics."""
+        if ctx.client_gone:
+            # As nginx logs it: the client closed the connection before the full answer.
+            ctx.status = 499
+            ctx.error_kind = "client_disconnected"
+        elif ctx.status == 0:
+            ctx.status = 499
+        route = ctx.route
+        if route is not None:
+            for stage in route.stages:
+                stage.on_complete(ctx)
+        if self.log_stage is not None:
+            self.log_stage.on_complete(ctx)
+        self.metrics_stage.on_complete(ctx)
+
+    def _new_context(self, scope, receive, send, method: str) -> RequestContext:
+        """The request's context: its ids, the client (behind trusted proxies), Host checks."""
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        event_id = f"{getrandbits(128):032x}"
+        ctx = RequestContext(
+            scope=scope,
+            receive=receive,
+            send=send,
+            request_id=event_id,
+            method=method,
+            path=scope["path"],
+            client_ip=peer,
+            event_id=event_id,
+            peer_ip=peer,
+        )
+        hosts = 0
+        for k, v in scope["headers"]:
+            if k == b"host":
+                # Routing reads one Host, forwarding another, if there are two (RFC 9112
+                # §3.2: 400); an odd one could break out of Forwarded's quoted host.
+                hosts += 1
+                if hosts > 1 or not HOST_VALUE.match(v):
+                    ctx.bad_host = True
+            elif k == b"x-request-id" and ctx.request_id_generated and _REQUEST_ID.match(v):
+                ctx.request_id = v.decode()
+                ctx.request_id_generated = False
+        if self._trusted_proxies and self._is_trusted(peer):
+            ctx.trusted_peer = True
+            ctx.client_ip = self._forwarded_client(scope["headers"]) or peer
+        return ctx
+
+    async def _dispatch(
+        self, ctx: RequestContext, *, websocket: bool = False
+    ) -> LocalResponse | None:
         snapshot = self.snapshot
         if snapshot is None:
             return problem("not-ready", "No configuration loaded yet.", request_id=ctx.request_id)
@@ -707,11 +760,29 @@ class GatewayApp:
             if length is not None and length.isdigit() and int(length) > route.max_body:
                 ctx.error_kind = "body_too_large"
                 return body_too_large(ctx)  # refused before a byte of it is read
+        if websocket:
+            return await self._dispatch_websocket(ctx, route)
         for stage in route.stages:
             response = await stage.on_request(ctx)
             if response is not None:
                 return response
         return await route.handler.handle(ctx)
+
+    async def _dispatch_websocket(self, ctx: RequestContext, route) -> LocalResponse | None:
+        if route.websocket is None:
+            return problem(
+                "bad-request",
+                "This route does not take WebSocket connections.",
+                request_id=ctx.request_id,
+            )
+        for stage in route.stages:
+            if stage.name in _NOT_FOR_WEBSOCKET:
+                continue
+            response = await stage.on_request(ctx)
+            if response is not None:
+                return response
+        await route.websocket.serve(ctx)
+        return None
 
     # --- who the client is ---------------------------------------------------------------------
     def _is_trusted(self, ip: str) -> bool:

@@ -55,6 +55,8 @@ class RequestContext:
     credential: str = ""  # where the credential came from: "header", "bearer" or "query"
     scopes: frozenset[str] = frozenset()  # what the credential holds (JWT scope, key scopes)
     claims: dict | None = None  # a verified JWT's claims
+    ws_in: int = 0  # WebSocket messages from the client
+    ws_out: int = 0  # and to it
     cache_capture: Any = None  # stages/cache.Capture: a cache miss the proxy's answer fills
     body_done: bool = False  # the whole request body has been received
     body_too_large: bool = False  # the body passed the route's limit while streaming

@@ -41,6 +41,7 @@ EVENT_FIELDS = (
     "in",
     "out",
     "err",
+    "ws",  # WebSocket connections: [messages from the client, to the client]; else null
 )
 
 Event = tuple

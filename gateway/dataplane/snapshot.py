@@ -223,6 +223,8 @@ class RouteEntry:
     # Payload policies by kind ("cors", "request_transform", …), parsed (models.parse_policy).
     policies: dict[str, object] = field(default_factory=dict)
     cache_generation: str = ""  # "<api>.<route>" purge generations, part of every cache key
+    aggregate: tuple | None = None  # (partial, ((CallSpec, UpstreamEntry), ...)): no proxy
+    websocket: object | None = None  # stages/websocket.WebSocketProxy: takes handshakes
     stages: list[Stage] = field(default_factory=list)
     handler: Handler | None = None
 
@@ -261,6 +263,13 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
         .all()
     )
     return apis, load_keys(None)
+
+
+def load_upstreams() -> dict[str, object]:
+    """Every upstream by name, with its targets (aggregate routes name theirs) (sync)."""
+    from gateway.models import Upstream
+
+    return {u.name: u for u in Upstream.objects.prefetch_related("targets")}
 
 
 def load_keys(key_ids: set[str] | None) -> dict[str, KeyEntry]:
@@ -494,7 +503,9 @@ def check_policies(policies: dict[str, object]) -> None:
                 )
 
 
-def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) -> list[RouteEntry]:
+def compile_route_entries(
+    api, route, upstream_entry, *, default_max_body: int, upstream_models: dict | None = None
+) -> list[RouteEntry]:
     """The router entries of one route: one per API version it serves (and, for the default
     version of a path-versioned API, one without the version segment)."""
     pattern = routing.compile_path(route.match, route.path)
@@ -518,6 +529,17 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
             templates.append(rate_template(row, origin=f"r{route.pk}p{row.plan_id}"))
     rate_overrides = {p: (frozenset(sl), tuple(ts)) for p, (sl, ts) in overrides.items()}
     policies = compile_policies(api, route)
+    aggregate = None
+    if "aggregate" in policies:
+        calls = []
+        for spec in policies["aggregate"].calls:
+            model = (upstream_models or {}).get(spec.upstream)
+            if model is None:
+                raise routing.RouteConfigError(
+                    "policies", f"aggregate: no upstream named {spec.upstream!r}."
+                )
+            calls.append((spec, model))
+        aggregate = (policies["aggregate"].partial, calls)
     max_body = default_max_body if route.max_body_bytes is None else route.max_body_bytes
     scheme = api.version_scheme
     versions = list(api.versions.all()) if scheme != "none" else []
@@ -543,6 +565,9 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
         up = route.upstream or (version.upstream if version else None) or api.upstream
         base = api_segments + version_segment
         entry_up = upstream_entry(up)
+        aggregate_calls = None
+        if aggregate is not None:
+            aggregate_calls = (aggregate[0], tuple((s, upstream_entry(m)) for s, m in aggregate[1]))
         connect = route.connect_timeout
         read = route.read_timeout
         timeout = None
@@ -584,6 +609,7 @@ def compile_route_entries(api, route, upstream_entry, *, default_max_body: int) 
                 rate_overrides=rate_overrides,
                 policies=policies,
                 cache_generation=f"{api.cache_generation}.{route.cache_generation}",
+                aggregate=aggregate_calls,
                 strip=(api_prefix + "".join("/" + s for s in version_segment))
                 if route.strip_prefix
                 else "",
@@ -609,6 +635,7 @@ def compile_snapshot(
     default_max_body: int = 0,
     targets: TargetRegistry | None = None,
     identities: dict[str, tuple[KeyEntry, ...]] | None = None,
+    upstream_models: dict | None = None,
 ) -> Snapshot:
     """Turn model rows into the immutable snapshot; `compile_route` builds a route's stages.
 
@@ -631,7 +658,11 @@ def compile_snapshot(
             if not r.enabled:
                 continue
             for entry in compile_route_entries(
-                api, r, upstream_entry, default_max_body=default_max_body
+                api,
+                r,
+                upstream_entry,
+                default_max_body=default_max_body,
+                upstream_models=upstream_models,
             ):
                 compile_route(entry, keys, identities or {})
                 routes.append(entry)

@@ -38,5 +38,6 @@ class LogStage(Stage):
                 ctx.bytes_in,
                 ctx.bytes_out,
                 ctx.error_kind,
+                [ctx.ws_in, ctx.ws_out] if ctx.status == 101 else None,
             )
         )
