@@ -368,12 +368,17 @@ def start_nginx(
 
 # --- the gateway and its database -----------------------------------------------------------
 # The full pipeline checks a rate limit and a quota on every request (never reached); the
-# bare API is the same upstream behind an anonymous route: no credential, no limits.
+# bare API is the same upstream behind an anonymous route: no credential, no limits. The
+# "policies" API carries every payload policy (CORS, transformations, validation, a cache,
+# WebSocket), so that the full pipeline runs with them configured on routes it does not
+# match; its /policies/cached route is the cache-hit target (the same URL: every request
+# after the first is a hit).
 BENCH_PLAN = """\
 from django.db import transaction
 from gateway.config import config_bump
-from gateway.models import Api, Route
+from gateway.models import Api, Policy, Route
 from portal.models import Plan, RateLimit
+OPENAPI = "openapi: 3.0.3\\ninfo: {title: t, version: '1'}\\npaths: {/anything: {get: {responses: {'200': {description: ok}}}}}"
 with transaction.atomic():
     plan, _ = Plan.objects.get_or_create(
         slug="bench", defaults={"name": "Bench", "quota_limit": 2**31 - 1}
@@ -383,6 +388,21 @@ with transaction.atomic():
     plan.apis.add(demo)
     bare = Api.objects.create(name="Bare", slug="bare", path_prefix="/bare", upstream=demo.upstream)
     Route.objects.create(api=bare, name="all", path="/", anonymous=True)
+    policies = Api.objects.create(
+        name="Policies", slug="policies", path_prefix="/policies", upstream=demo.upstream,
+        openapi=OPENAPI,
+    )
+    plan.apis.add(policies)
+    everything = Route.objects.create(api=policies, name="all", path="/")
+    cached = Route.objects.create(api=policies, name="cached", path="/cached")
+    Policy.objects.create(api=policies, kind="cors", config={"origins": ["https://a.test"]})
+    Policy.objects.create(api=policies, kind="request_transform",
+                          config={"headers": {"add": {"X-A": "1"}}, "json": {"remove": ["p"]}})
+    Policy.objects.create(api=policies, kind="response_transform",
+                          config={"headers": {"remove": ["X-B"]}})
+    Policy.objects.create(route=everything, kind="validate", config={"response": "report"})
+    Policy.objects.create(route=everything, kind="websocket", config={})
+    Policy.objects.create(route=cached, kind="cache", config={"ttl": 3600})
     config_bump(reason="bench")
 """
 
@@ -924,7 +944,15 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
             [f"X-API-Key: {key}"],
             gateway,
             "the gateway's full pipeline: API key, rate limit and quota checked, proxy, log, "
-            "metrics",
+            "metrics (with every payload policy configured on another API's routes)",
+        ),
+        Target(
+            "gateway-cache-hit",
+            f"http://127.0.0.1:{gateway_port}/policies/cached",
+            [f"X-API-Key: {key}"],
+            gateway,
+            "the full pipeline answered from the response cache (key, limits, CORS, cache "
+            "hit, log, metrics; no upstream call)",
         ),
     ]
     servers = {upstream.pid, proxy.pid, gateway.pid}

@@ -115,7 +115,15 @@ class ApiVersionInline(admin.TabularInline):
     model = ApiVersion
     extra = 0
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
-    fields = ["name", "is_default", "upstream", "deprecated_at", "sunset_at", "docs_url"]
+    fields = [
+        "name",
+        "is_default",
+        "upstream",
+        "deprecated_at",
+        "sunset_at",
+        "docs_url",
+        "openapi",
+    ]
 
 
 @admin.register(Api)
@@ -155,6 +163,14 @@ class ApiAdmin(ConfigChangeAdmin):
             },
         ),
         ("Client addresses", {"fields": ["ip_allow", "ip_deny"]}),
+        (
+            "OpenAPI document",
+            {
+                "fields": ["openapi"],
+                "classes": ["collapse"],
+                "description": "Used by a validate policy and shown in the portal.",
+            },
+        ),
     ]
     inlines = [ApiVersionInline, RouteInline, JwtIssuerInline, ApiPolicyInline]
     actions = ["purge_cache"]

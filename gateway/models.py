@@ -85,6 +85,18 @@ def parse_status_list(text: str) -> frozenset[int]:
     return frozenset(out)
 
 
+def validate_openapi(text: str) -> None:
+    """An OpenAPI 3.0/3.1 document the validation stage can compile."""
+    if not text.strip():
+        return
+    from gateway.dataplane.openapi import OpenApiError, compiled_openapi
+
+    try:
+        compiled_openapi(text)
+    except OpenApiError as exc:
+        raise ValidationError(str(exc)) from None
+
+
 class Upstream(models.Model):
     """A backend service: a named pool of targets that requests are balanced over."""
 
@@ -303,6 +315,12 @@ class Api(models.Model):
         default=LimiterFailure.OPEN,
         help_text="What to do when the shared limit store (Redis) cannot be reached.",
     )
+    openapi = models.TextField(
+        blank=True,
+        validators=[validate_openapi],
+        help_text="The API's OpenAPI 3.0/3.1 document (JSON or YAML), for the validate "
+        "policy and the portal; a version's own document replaces it.",
+    )
     cache_generation = models.PositiveIntegerField(
         default=0, editable=False, help_text="Bumped by a purge: older entries are unreachable."
     )
@@ -352,6 +370,11 @@ class ApiVersion(models.Model):
         null=True, blank=True, help_text="Announced end of life (Sunset header)."
     )
     docs_url = models.URLField(blank=True, help_text="Linked from deprecated answers.")
+    openapi = models.TextField(
+        blank=True,
+        validators=[validate_openapi],
+        help_text="This version's OpenAPI document (JSON or YAML); empty: the API's.",
+    )
 
     class Meta:
         ordering = ["api", "name"]
@@ -573,7 +596,7 @@ class JwtIssuer(models.Model):
 
 def parse_policy(kind: str, config):
     """A policy's configuration as its stage uses it; ValueError (naming the field) if bad."""
-    from gateway.dataplane.stages import aggregate, cache, cors, transform, websocket
+    from gateway.dataplane.stages import aggregate, cache, cors, transform, validate, websocket
 
     parsers = {
         "cors": cors.parse_cors,
@@ -582,6 +605,7 @@ def parse_policy(kind: str, config):
         "cache": cache.parse_cache,
         "aggregate": aggregate.parse_aggregate,
         "websocket": websocket.parse_websocket,
+        "validate": validate.parse_validate,
     }
     return parsers[kind](config)
 
@@ -598,6 +622,7 @@ class Policy(models.Model):
         CACHE = "cache", "Cache GET and HEAD answers"
         AGGREGATE = "aggregate", "Aggregate several upstream calls (a route's only)"
         WEBSOCKET = "websocket", "Take WebSocket connections"
+        VALIDATE = "validate", "Validate requests against the OpenAPI document"
 
     api = models.ForeignKey(
         Api, null=True, blank=True, related_name="policies", on_delete=models.CASCADE

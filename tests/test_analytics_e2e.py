@@ -55,7 +55,7 @@ def _reship(events: list[RequestEvent], stack) -> None:
                     "in": e.bytes_in,
                     "out": e.bytes_out,
                     "err": e.error_kind,
-                }[f]
+                }.get(f)
                 for f in EVENT_FIELDS
             )
             for e in events

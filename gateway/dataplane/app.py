@@ -59,6 +59,7 @@ from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
 from gateway.dataplane.stages.proxy import HOST_VALUE, ProxyHandler, body_too_large
 from gateway.dataplane.stages.transform import RequestTransformStage
+from gateway.dataplane.stages.validate import ValidateStage
 from gateway.dataplane.stages.websocket import WebSocketProxy
 from gateway.dataplane.stages.websocket import deny as websocket_deny
 
@@ -68,7 +69,7 @@ log = logging.getLogger("gateway")
 # else is replaced. It never becomes the log event's id: clients must not collide events.
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
 # Stages about HTTP payloads: a WebSocket handshake skips them (its messages are relayed).
-_NOT_FOR_WEBSOCKET = frozenset({"cors", "transform_request", "cache"})
+_NOT_FOR_WEBSOCKET = frozenset({"cors", "validate", "transform_request", "cache"})
 RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to build is tried again this often
 BUILD_SWITCH_INTERVAL = 0.0005  # seconds; sys.setswitchinterval while a snapshot builds
 
@@ -359,6 +360,15 @@ class GatewayApp:
             stages.extend(self._key_stages(route, keys, identities or {}))
         elif route.route_rates:  # per-client-IP limits of a public route
             stages.append(self._limit_stage(route))
+        if "validate" in policies:
+            stages.append(
+                ValidateStage(
+                    policies["validate"],
+                    validator=route.openapi,
+                    doc_prefix=route.doc_prefix,
+                    api_slug=route.api_slug,
+                )
+            )
         request_transform = policies.get("request_transform")
         if request_transform is not None and (request_transform.query or request_transform.json):
             stages.append(RequestTransformStage(request_transform))

@@ -58,6 +58,9 @@ class RequestContext:
     ws_in: int = 0  # WebSocket messages from the client
     ws_out: int = 0  # and to it
     cache_capture: Any = None  # stages/cache.Capture: a cache miss the proxy's answer fills
+    # What watches the upstream's answer as it streams (begin / feed / finish): the cache's
+    # capture, a response check. A tuple: empty costs nothing.
+    observers: tuple = ()
     body_done: bool = False  # the whole request body has been received
     body_too_large: bool = False  # the body passed the route's limit while streaming
     body_streamed: bool = False  # part of a streamed body went upstream: no retry

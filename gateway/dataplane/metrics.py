@@ -35,6 +35,11 @@ UPSTREAM_ERRORS = Counter(
     "Requests whose upstream failed (unreachable, timed out, aborted), by API and kind.",
     ["api", "kind"],
 )
+RESPONSE_VALIDATION_FAILURES = Counter(
+    "gateway_response_validation_failures_total",
+    "Upstream answers that did not match the API's OpenAPI document (report-only), by API.",
+    ["api"],
+)
 LIMITER_STORE_ERRORS = Gauge(
     "gateway_limiter_store_errors",
     "Limiter store (Redis) failures since the worker started; requests were let through.",

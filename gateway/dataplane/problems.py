@@ -13,6 +13,7 @@ from gateway.dataplane.context import Headers, LocalResponse
 # type slug -> (status, title)
 PROBLEMS: dict[str, tuple[int, str]] = {
     "bad-request": (400, "Bad request"),
+    "validation-failed": (400, "Request does not match the API description"),
     "missing-credential": (401, "Missing credential"),
     "invalid-credential": (401, "Invalid credential"),
     "forbidden": (403, "Forbidden"),

@@ -225,6 +225,8 @@ class RouteEntry:
     cache_generation: str = ""  # "<api>.<route>" purge generations, part of every cache key
     aggregate: tuple | None = None  # (partial, ((CallSpec, UpstreamEntry), ...)): no proxy
     websocket: object | None = None  # stages/websocket.WebSocketProxy: takes handshakes
+    openapi: object | None = None  # openapi.OpenApiValidator of the entry's API version
+    doc_prefix: str = ""  # the public path above what the OpenAPI document describes
     stages: list[Stage] = field(default_factory=list)
     handler: Handler | None = None
 
@@ -565,6 +567,19 @@ def compile_route_entries(
         up = route.upstream or (version.upstream if version else None) or api.upstream
         base = api_segments + version_segment
         entry_up = upstream_entry(up)
+        openapi = None
+        if "validate" in policies:
+            text = (version.openapi if version else "") or api.openapi
+            if not text.strip():
+                raise routing.RouteConfigError(
+                    "policies", "validate: the API (or its version) has no OpenAPI document."
+                )
+            from gateway.dataplane.openapi import OpenApiError, compiled_openapi
+
+            try:
+                openapi = compiled_openapi(text)
+            except OpenApiError as exc:
+                raise routing.RouteConfigError("policies", f"validate: {exc}") from None
         aggregate_calls = None
         if aggregate is not None:
             aggregate_calls = (aggregate[0], tuple((s, upstream_entry(m)) for s, m in aggregate[1]))
@@ -610,6 +625,8 @@ def compile_route_entries(
                 policies=policies,
                 cache_generation=f"{api.cache_generation}.{route.cache_generation}",
                 aggregate=aggregate_calls,
+                openapi=openapi,
+                doc_prefix=api_prefix + "".join("/" + s for s in version_segment),
                 strip=(api_prefix + "".join("/" + s for s in version_segment))
                 if route.strip_prefix
                 else "",

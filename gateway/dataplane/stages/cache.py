@@ -355,6 +355,7 @@ class CacheStage(Stage):
         self.flights[key] = future
         capture = Capture(self, key, future)
         ctx.cache_capture = capture
+        ctx.observers = (*ctx.observers, capture)
         if not await self.store.lock(key, FOLLOW_TIMEOUT):
             # Another worker is fetching it: poll for what it stores.
             deadline = time.monotonic() + FOLLOW_TIMEOUT
@@ -365,6 +366,7 @@ class CacheStage(Stage):
                     capture.done = True
                     self.finish(capture, entry)
                     ctx.cache_capture = None
+                    ctx.observers = tuple(o for o in ctx.observers if o is not capture)
                     return self.hit(ctx, entry, time.time())
         else:
             capture.locked = True

@@ -373,9 +373,9 @@ class ProxyHandler:
                     resp.headers.get("content-type", "").encode("latin-1")
                 ):
                     return await self._send_transformed(ctx, resp, status, out)
-                capture = ctx.cache_capture
-                if capture is not None:
-                    capture.begin(status, out)
+                observers = ctx.observers  # the cache's capture, a response check
+                for o in observers:
+                    o.begin(status, out)
                 out.append((b"x-request-id", ctx.request_id.encode()))
                 out.append(_VIA_RESPONSE)
                 out.extend(ctx.response_headers)
@@ -385,8 +385,8 @@ class ProxyHandler:
                 content = resp.content
                 async for chunk in content.iter_any():
                     ctx.bytes_out += len(chunk)
-                    if capture is not None:
-                        capture.feed(chunk)
+                    for o in observers:
+                        o.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if watcher is None and ctx.body_done and not content.at_eof():
                         # A response still going after its first chunk may be long (a stream):
@@ -396,8 +396,8 @@ class ProxyHandler:
                 if watcher is not None:
                     watcher.cancel()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                if capture is not None:
-                    capture.finish(ok=True)
+                for o in observers:
+                    o.finish(ok=True)
             return None
         except asyncio.CancelledError:
             verdict = None
@@ -463,10 +463,10 @@ class ProxyHandler:
         else:
             body = json.dumps(self.response_json.apply(doc, ctx), separators=(",", ":")).encode()
         out = [(k, v) for k, v in out if k.lower() != b"content-length"]
-        capture = ctx.cache_capture
-        if capture is not None:  # what is stored is what the client gets: transformed
-            capture.begin(status, out)
-            capture.feed(body)
+        observers = ctx.observers  # what they see is what the client gets: transformed
+        for o in observers:
+            o.begin(status, out)
+            o.feed(body)
         out.append((b"content-length", str(len(body)).encode()))
         out.append((b"x-request-id", ctx.request_id.encode()))
         out.append(_VIA_RESPONSE)
@@ -476,8 +476,8 @@ class ProxyHandler:
         ctx.bytes_out += len(body)
         await ctx.send({"type": "http.response.start", "status": status, "headers": out})
         await ctx.send({"type": "http.response.body", "body": body, "more_body": False})
-        if capture is not None:
-            capture.finish(ok=True)
+        for o in observers:
+            o.finish(ok=True)
         return None
 
 

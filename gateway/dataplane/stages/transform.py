@@ -381,34 +381,9 @@ class RequestTransformStage(Stage):
         return None
 
     async def _transform_body(self, ctx: RequestContext) -> LocalResponse | None:
-        length = ctx.header(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            ctx.error_kind = "body_too_large"
-            return problem(
-                "body-too-large",
-                f"A JSON body to transform may be at most {self.max_body} bytes.",
-                request_id=ctx.request_id,
-            )
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            msg = await ctx.receive()
-            if msg["type"] == "http.disconnect":
-                ctx.client_gone = True
-                return None  # nobody to answer; the proxy sees the disconnect too
-            data = msg.get("body", b"")
-            size += len(data)
-            if size > self.max_body:
-                ctx.error_kind = "body_too_large"
-                return problem(
-                    "body-too-large",
-                    f"A JSON body to transform may be at most {self.max_body} bytes.",
-                    request_id=ctx.request_id,
-                )
-            chunks.append(data)
-            if not msg.get("more_body", False):
-                break
-        raw = b"".join(chunks)
+        raw = await read_body(ctx, self.max_body)
+        if raw is None or isinstance(raw, LocalResponse):
+            return raw
         if raw.strip():
             try:
                 doc = json.loads(raw)
@@ -417,18 +392,54 @@ class RequestTransformStage(Stage):
                     "bad-request", "The body is not valid JSON.", request_id=ctx.request_id
                 )
             raw = json.dumps(self.json.apply(doc, ctx), separators=(",", ":")).encode()
-        body = raw
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if sent:
-                return await ctx.receive()  # a disconnect, eventually
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        ctx.receive = replay
-        headers = [(k, v) for k, v in ctx.scope["headers"] if k != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        ctx.scope["headers"] = headers
+        replay_body(ctx, raw)
         return None
+
+
+async def read_body(ctx: RequestContext, cap: int) -> bytes | LocalResponse | None:
+    """The whole request body, read under `cap` bytes (a 413 beyond it); None: the client
+    left. Stages that must see a body (transform, validate) read it with this."""
+    too_large = problem(
+        "body-too-large",
+        f"A JSON body the gateway must read may be at most {cap} bytes.",
+        request_id=ctx.request_id,
+    )
+    length = ctx.header(b"content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        ctx.error_kind = "body_too_large"
+        return too_large
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await ctx.receive()
+        if msg["type"] == "http.disconnect":
+            ctx.client_gone = True
+            return None
+        data = msg.get("body", b"")
+        size += len(data)
+        if size > cap:
+            ctx.error_kind = "body_too_large"
+            return too_large
+        chunks.append(data)
+        if not msg.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def replay_body(ctx: RequestContext, body: bytes) -> None:
+    """Let the next reader (another stage, the proxy) receive `body` as the whole request
+    body, with a Content-Length that matches it."""
+    sent = False
+    receive = ctx.receive
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()  # a disconnect, eventually
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    ctx.receive = replay
+    headers = [(k, v) for k, v in ctx.scope["headers"] if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    ctx.scope["headers"] = headers
