@@ -378,7 +378,10 @@ from django.db import transaction
 from gateway.config import config_bump
 from gateway.models import Api, Policy, Route
 from portal.models import Plan, RateLimit
-OPENAPI = "openapi: 3.0.3\\ninfo: {title: t, version: '1'}\\npaths: {/anything: {get: {responses: {'200': {description: ok}}}}}"
+OPENAPI = (
+    "openapi: 3.0.3\\ninfo: {title: t, version: '1'}\\n"
+    "paths: {/anything: {get: {responses: {'200': {description: ok}}}}}"
+)
 with transaction.atomic():
     plan, _ = Plan.objects.get_or_create(
         slug="bench", defaults={"name": "Bench", "quota_limit": 2**31 - 1}
