@@ -425,11 +425,17 @@ def manage(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def prepare_database(env: dict[str, str], upstream_port: int) -> str:
+def prepare_database(env: dict[str, str], upstream_port: int, *, policies: bool = True) -> str:
     """Migrate a fresh SQLite database, seed the demo, add a plan without limits; the key."""
     manage(env, "migrate", "--noinput", "-v0")
     manage(env, "seeddemo", "--upstream-port", str(upstream_port))
-    manage(env, "shell", "-c", BENCH_PLAN)
+    plan = BENCH_PLAN
+    if not policies:  # --without-policies: the same, minus the policies API
+        plan = (
+            plan[: plan.index("    policies = Api.objects.create(")]
+            + '    config_bump(reason="bench")\n'
+        )
+    manage(env, "shell", "-c", plan)
     out = manage(env, "createapikey", "--email", "bench@example.com", "--plan", "bench")
     key = out.strip().splitlines()[-1].strip() if out.strip() else ""
     if not key or " " in key:
@@ -822,6 +828,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument(
+        "--without-policies",
+        action="store_true",
+        help="leave out the API that carries every payload policy (and the cache-hit target), "
+        "to compare the full pipeline with and without them configured elsewhere",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="cProfile the gateway's event loop and print its top functions (slows it)",
@@ -901,7 +913,7 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     proxy = start_nginx(procs, tools, "proxy", px_dir, conf, server_core)
 
     log("database: migrate, seeddemo, bench plan, API key")
-    key = prepare_database(env, upstream_port)
+    key = prepare_database(env, upstream_port, policies=not args.without_policies)
     log("gateway")
     gw_env = {
         **env,
@@ -958,6 +970,8 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
             "hit, log, metrics; no upstream call)",
         ),
     ]
+    if args.without_policies:
+        targets = [t for t in targets if t.name != "gateway-cache-hit"]
     servers = {upstream.pid, proxy.pid, gateway.pid}
     runner = Runner(procs, tools, (server_core, load_core), servers, args)
     runner.sent_to_gateway = 2  # the readiness and 401 checks
