@@ -8,6 +8,7 @@ from gateway.admin_mixins import ConfigChangeAdmin
 from gateway.models import (
     Api,
     ApiVersion,
+    CachePurge,
     ConfigVersion,
     JwtIssuer,
     Policy,
@@ -271,4 +272,21 @@ class ConfigVersionAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(CachePurge)
+class CachePurgeAdmin(admin.ModelAdmin):
+    """Purge one cached answer by the key its X-Cache-Key header shows."""
+
+    list_display = ["cache_key", "created_at", "actor"]
+    search_fields = ["cache_key"]
+    fields = ["cache_key"]
+
+    def save_model(self, request, obj, form, change) -> None:
+        cache_purge(key=obj.cache_key, actor=request.user)
+        saved = CachePurge.objects.filter(cache_key=obj.cache_key[:120]).latest("created_at")
+        obj.pk, obj.created_at = saved.pk, saved.created_at  # for admin's log and redirect
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False

@@ -680,3 +680,22 @@ class Policy(models.Model):
         except ValueError as exc:
             message = exc.message if isinstance(exc, routing.RouteConfigError) else str(exc)
             raise ValidationError({"config": message}) from None
+
+
+class CachePurge(models.Model):
+    """One cached answer purged by its key (the X-Cache-Key header), on every node: entries
+    stored before this moment under that key are misses."""
+
+    cache_key = models.CharField(
+        max_length=120, db_index=True, help_text="As answers show it in X-Cache-Key."
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.cache_key

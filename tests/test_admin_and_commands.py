@@ -22,6 +22,7 @@ MODELS = [
     "gateway/upstream",
     "gateway/target",
     "gateway/configversion",
+    "gateway/cachepurge",
     "portal/plan",
     "portal/apikey",
     "portal/subscription",

@@ -124,3 +124,22 @@ def test_no_store_answers_are_not_kept_and_a_purge_empties_the_cache(stack, live
     path = fresh()
     assert stack.get(path, headers=cached).headers["x-cache"] == "MISS"
     assert stack.get(path, headers=cached).headers["x-cache"] == "MISS"  # not kept
+
+
+def test_one_answer_is_purged_by_its_cache_key_from_admin(stack, cached, admin_client):
+    from django.urls import reverse
+
+    path = f"/demo/item?id={uuid.uuid4().hex}"
+    first = stack.get(path, headers=cached)
+    key = first.headers["x-cache-key"]
+    assert stack.get(path, headers=cached).headers["x-cache"] == "HIT"
+    other = f"/demo/item?id={uuid.uuid4().hex}"
+    stack.get(other, headers=cached)
+    resp = admin_client.post(reverse("admin:gateway_cachepurge_add"), {"cache_key": key})
+    assert resp.status_code == 302, resp.content[:2000]
+    wait_until(
+        lambda: stack.get(path, headers=cached).headers["x-cache"] == "MISS",
+        timeout=10,
+        what="the purge of one key",
+    )
+    assert stack.get(other, headers=cached).headers["x-cache"] == "HIT"  # only that one

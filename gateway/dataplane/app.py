@@ -41,6 +41,7 @@ from gateway.dataplane.snapshot import (
     RouteEntry,
     Snapshot,
     compile_snapshot,
+    load_cache_purges,
     load_config,
     load_identities,
     load_key_delta,
@@ -132,6 +133,7 @@ class GatewayApp:
         self._verifiers: dict[int, JwtVerifier] = {}
         self._jwks_starts: set[asyncio.Task] = set()
         self.cache_store: MemoryStore | RedisStore | None = None  # response cache, per worker
+        self._cache_purges: dict[str, float] = {}  # purged cache keys of the snapshot built
         self.health = HealthChecker(self._get_session)
         self._drops_reported = 0
         self._seen: tuple[str, int] = ("", -1)  # the config (epoch, version) last processed
@@ -298,6 +300,7 @@ class GatewayApp:
             apis, keys = load_config(version)
             self._jwks_build = {}
             self._verifiers = {}
+            self._cache_purges = load_cache_purges()
             return compile_snapshot(
                 version,
                 apis,
@@ -380,6 +383,7 @@ class GatewayApp:
                     api_id=route.api_id,
                     route_id=route.id,
                     generation=route.cache_generation,
+                    purged=self._cache_purges,
                 )
             )
         route.stages = stages
@@ -819,10 +823,11 @@ class GatewayApp:
     async def _send_local(self, ctx: RequestContext, response: LocalResponse) -> None:
         headers = [
             *response.headers,
-            (b"content-length", str(len(response.body)).encode()),
             (b"date", http_date()),
             (b"x-request-id", ctx.request_id.encode()),
         ]
+        if response.status != 304:  # a 304's length would have to be the 200's (RFC 9110)
+            headers.append((b"content-length", str(len(response.body)).encode()))
         # What stages added (CORS, version deprecation, the limits of an admitted request): a
         # browser reads a gateway error only with its CORS headers. A 429's limit headers are
         # its own (the limit stage adds them to ctx only when it admits).

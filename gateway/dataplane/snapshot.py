@@ -267,6 +267,23 @@ def load_config(version: int) -> tuple[list, dict[str, KeyEntry]]:
     return apis, load_keys(None)
 
 
+def load_cache_purges() -> dict[str, float]:
+    """Cache keys purged within the longest TTL (a day), with when (sync)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from gateway.models import CachePurge
+
+    since = timezone.now() - timedelta(days=1)
+    out: dict[str, float] = {}
+    for key, at in CachePurge.objects.filter(created_at__gte=since).values_list(
+        "cache_key", "created_at"
+    ):
+        out[key] = max(out.get(key, 0.0), at.timestamp())
+    return out
+
+
 def load_upstreams() -> dict[str, object]:
     """Every upstream by name, with its targets (aggregate routes name theirs) (sync)."""
     from gateway.models import Upstream

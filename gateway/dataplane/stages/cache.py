@@ -284,10 +284,18 @@ class CacheStage(Stage):
     name = "cache"
 
     def __init__(
-        self, config: CacheConfig, *, store, api_id: int, route_id: int, generation: str
+        self,
+        config: CacheConfig,
+        *,
+        store,
+        api_id: int,
+        route_id: int,
+        generation: str,
+        purged: dict[str, float] | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self.purged = purged or {}  # cache key -> epoch time of its purge (CachePurge)
         self.prefix = f"{api_id}:{route_id}:{generation}:"
         self.flights: dict[str, asyncio.Future] = {}
         self._writes: set[asyncio.Task] = set()  # store writes in flight (kept referenced)
@@ -336,6 +344,9 @@ class CacheStage(Stage):
         key = self.cache_key(ctx)
         now = time.time()
         entry = await self.store.get(key, now)
+        if entry is not None and self.purged and entry.stored_at <= self.purged.get(key, 0.0):
+            entry = None  # purged by its key after it was stored
+        ctx.response_headers.append((b"x-cache-key", key.encode()))
         if entry is not None:
             return self.hit(ctx, entry, now)
         if ctx.method == "HEAD":  # its answer has no body to store for GET
