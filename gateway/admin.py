@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.db import models
 
@@ -17,6 +18,33 @@ from gateway.models import (
     Upstream,
 )
 from portal.models import RateLimit
+
+OPENAPI_UPLOAD_BYTES = 4 << 20
+
+
+class OpenApiUploadForm(forms.ModelForm):
+    """A model form with an `openapi` text field and a file to fill it from: an uploaded
+    document (JSON or YAML, UTF-8) replaces the text, then passes the field's validation."""
+
+    openapi_file = forms.FileField(
+        required=False,
+        label="Upload an OpenAPI document",
+        help_text="JSON or YAML, up to 4 MiB; replaces the text.",
+        widget=forms.ClearableFileInput(attrs={"accept": ".json,.yaml,.yml"}),
+    )
+
+    def clean(self):
+        cleaned = super().clean()
+        upload = cleaned.get("openapi_file")
+        if upload:
+            if upload.size > OPENAPI_UPLOAD_BYTES:
+                self.add_error("openapi_file", "The file is larger than 4 MiB.")
+                return cleaned
+            try:
+                cleaned["openapi"] = upload.read().decode("utf-8-sig")
+            except UnicodeDecodeError:
+                self.add_error("openapi_file", "The file is not UTF-8 text.")
+        return cleaned
 
 
 class TargetInline(admin.TabularInline):
@@ -112,8 +140,9 @@ class JwtIssuerInline(admin.StackedInline):
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
 
-class ApiVersionInline(admin.TabularInline):
+class ApiVersionInline(admin.StackedInline):
     model = ApiVersion
+    form = OpenApiUploadForm
     extra = 0
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     fields = [
@@ -124,11 +153,13 @@ class ApiVersionInline(admin.TabularInline):
         "sunset_at",
         "docs_url",
         "openapi",
+        "openapi_file",
     ]
 
 
 @admin.register(Api)
 class ApiAdmin(ConfigChangeAdmin):
+    form = OpenApiUploadForm
     list_display = [
         "name",
         "slug",
@@ -167,7 +198,7 @@ class ApiAdmin(ConfigChangeAdmin):
         (
             "OpenAPI document",
             {
-                "fields": ["openapi"],
+                "fields": ["openapi", "openapi_file"],
                 "classes": ["collapse"],
                 "description": "Used by a validate policy and shown in the portal.",
             },

@@ -368,3 +368,61 @@ def test_admin_saves_a_policy_and_refuses_a_bad_one_naming_the_field(admin_clien
     assert resp.status_code == 302, resp.content[:2000]
     assert Policy.objects.get().config == {"headers": {"add": {"X-Source": "gateway"}}}
     assert config_current_version() == before + 1
+
+
+def test_admin_takes_an_openapi_document_as_an_uploaded_file(admin_client, catalog):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    doc = (
+        "openapi: 3.0.3\n"
+        "info: {title: Demo, version: '1'}\n"
+        "paths:\n"
+        "  /orders/{id}:\n"
+        "    get:\n"
+        "      parameters: [{name: id, in: path, required: true, schema: {type: integer}}]\n"
+        "      responses: {'200': {description: ok}}\n"
+    )
+
+    def post(content: bytes, name: str = "orders.yaml", **extra):
+        form = _api_form(
+            catalog,
+            name="Demo",
+            slug=catalog.api.slug,
+            openapi_file=SimpleUploadedFile(name, content, content_type="application/yaml"),
+            **extra,
+        )
+        return admin_client.post(reverse("admin:gateway_api_change", args=[catalog.api.pk]), form)
+
+    page = admin_client.get(reverse("admin:gateway_api_change", args=[catalog.api.pk]))
+    assert b'enctype="multipart/form-data"' in page.content
+    assert b'name="openapi_file"' in page.content
+    before = config_current_version()
+    resp = post(b"openapi: 3.0.3\npaths: [not, a, mapping]\n")
+    assert resp.status_code == 200
+    assert b"errorlist" in resp.content  # refused on the document's field, nothing saved
+    assert Api.objects.get(pk=catalog.api.pk).openapi == ""
+    resp = post(b"\xff\xfe not utf-8")
+    assert b"The file is not UTF-8 text." in resp.content
+    resp = post(doc.encode(), openapi="ignored: the file wins")
+    assert resp.status_code == 302, resp.content[:2000]
+    assert Api.objects.get(pk=catalog.api.pk).openapi == doc
+    assert config_current_version() == before + 1
+    # A version's document uploads the same way (the inline form).
+    resp = admin_client.post(
+        reverse("admin:gateway_api_change", args=[catalog.api.pk]),
+        _api_form(
+            catalog,
+            name="Demo",
+            slug=catalog.api.slug,
+            openapi=doc,
+            version_scheme="path",
+            **{
+                "versions-TOTAL_FORMS": "1",
+                "versions-0-name": "v1",
+                "versions-0-is_default": "on",
+                "versions-0-openapi_file": SimpleUploadedFile("v1.yaml", doc.encode()),
+            },
+        ),
+    )
+    assert resp.status_code == 302, resp.content[:2000]
+    assert catalog.api.versions.get().openapi == doc

@@ -4,6 +4,7 @@ uvicorn's own `server` and `date` headers are off so that upstream responses pas
 untouched; the gateway dates its own responses. uvicorn's proxy-headers middleware is off: it
 would let any loopback client rewrite its address with X-Forwarded-For, and the gateway handles
 forwarding headers itself. Its access log is off: every request is already a log event.
+Its WebSocket protocol is uvicorn's with pings passed to the application (wsprotocol.py).
 """
 
 from uvicorn_worker import UvicornWorker
@@ -18,4 +19,5 @@ class GatewayWorker(UvicornWorker):
         "proxy_headers": False,
         "access_log": False,
         "http": "gateway.dataplane.protocol:GatewayHttpProtocol",
+        "ws": "gateway.dataplane.wsprotocol:GatewayWebSocketProtocol",
     }

@@ -6,10 +6,11 @@ stages first (IP policy, authentication, authorization, limits), so a refusal is
 401/403/429 problem before any upgrade (ASGI's websocket.http.response). Then the gateway
 opens the upstream connection (same path rewriting, forwarding and consumer headers as
 HTTP; the client's subprotocols offered, the upstream's choice accepted), accepts the
-client, and relays text and binary messages both ways, and the close code. Each hop
-answers its own pings (the WebSocket servers on both sides do; ASGI does not expose them).
-No message either way for `idle_timeout` closes both sides with 1001. The log event counts
-the messages each way.
+client, and relays text and binary messages, pings and pongs both ways, and the close code.
+Pings pass through unanswered by the gateway (the data plane's server protocol,
+`gateway/dataplane/wsprotocol.py`, exposes them to ASGI); under a server without that
+extension each hop answers its own pings. No frame either way for `idle_timeout` (a ping
+counts) closes both sides with 1001. The log event counts the data messages each way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from yarl import URL
 
 from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.problems import problem
+from gateway.dataplane.wsprotocol import EXTENSION as PING_EXTENSION
 
 GOING_AWAY = 1001
 _HANDSHAKE_HEADERS = frozenset(
@@ -119,6 +121,7 @@ class WebSocketProxy:
                 del headers[name]
         base = target.base_url.replace("http", "ws", 1)  # http -> ws, https -> wss
         protocols = tuple(ctx.scope.get("subprotocols") or ())
+        relay_pings = PING_EXTENSION in ctx.scope.get("extensions", {})
         connect_timeout = upstream.connect_timeout
         if route.timeout is not None and route.timeout.sock_connect:
             connect_timeout = route.timeout.sock_connect
@@ -129,7 +132,7 @@ class WebSocketProxy:
                     headers=headers,
                     protocols=protocols,
                     max_msg_size=self.config.max_message_bytes,
-                    autoping=True,
+                    autoping=not relay_pings,
                     ssl=upstream.ssl,
                     server_hostname=upstream.server_hostname,
                 ),
@@ -164,6 +167,8 @@ class WebSocketProxy:
         }
         if ws_up.protocol:
             accept["subprotocol"] = ws_up.protocol
+        if relay_pings:
+            accept["relay_pings"] = True
         await ctx.send(accept)
         ctx.status = 101
         ctx.response_started = True
@@ -194,6 +199,12 @@ class WebSocketProxy:
                         data = msg.get("bytes") or b""
                         ctx.bytes_in += len(data)
                         await ws_up.send_bytes(data)
+                elif kind == "websocket.ping":
+                    last[0] = time.monotonic()
+                    await ws_up.ping(msg.get("bytes") or b"")
+                elif kind == "websocket.pong":
+                    last[0] = time.monotonic()
+                    await ws_up.pong(msg.get("bytes") or b"")
                 elif kind == "websocket.disconnect":
                     client_closed.set()
                     await ws_up.close(code=msg.get("code", 1000))
@@ -210,6 +221,10 @@ class WebSocketProxy:
                     ctx.ws_out += 1
                     ctx.bytes_out += len(msg.data)
                     await ctx.send({"type": "websocket.send", "bytes": msg.data})
+                elif msg.type == aiohttp.WSMsgType.PING:  # autoping off: relayed
+                    await ctx.send({"type": "websocket.ping", "bytes": msg.data})
+                elif msg.type == aiohttp.WSMsgType.PONG:
+                    await ctx.send({"type": "websocket.pong", "bytes": msg.data})
                 else:  # CLOSE, CLOSING, CLOSED, ERROR
                     break
             if not client_closed.is_set():
