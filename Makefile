@@ -21,13 +21,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	touch $@
 
 node_modules/.package-lock.json: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 
 static/vendor/chart.umd.min.js: node_modules/.package-lock.json
 	mkdir -p static/vendor
 	cp node_modules/chart.js/dist/chart.umd.min.js static/vendor/
 
-assets: static/vendor/chart.umd.min.js
+static/vendor/swagger-ui/swagger-ui-bundle.js: node_modules/.package-lock.json
+	mkdir -p static/vendor/swagger-ui
+	cp node_modules/swagger-ui-dist/swagger-ui-bundle.js \
+	   node_modules/swagger-ui-dist/swagger-ui-standalone-preset.js \
+	   node_modules/swagger-ui-dist/swagger-ui.css \
+	   node_modules/swagger-ui-dist/favicon-32x32.png static/vendor/swagger-ui/
+
+assets: static/vendor/chart.umd.min.js static/vendor/swagger-ui/swagger-ui-bundle.js
 
 install: $(VENV)/.installed assets
 

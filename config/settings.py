@@ -81,6 +81,8 @@ INSTALLED_APPS = [
     "allauth",
     "allauth.account",
     "rest_framework",
+    "django_filters",
+    "drf_spectacular",
     "portal",
     "gateway",
     "analytics",
@@ -284,8 +286,37 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
+# The management REST API (/api/v1/; README, "Management REST API").
 REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "portal.rest_auth.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_PAGINATION_CLASS": "gateway.rest_defaults.Pagination",
+    "DEFAULT_FILTER_BACKENDS": [
+        "gateway.rest_defaults.FilterBackend",
+        "gateway.rest_defaults.StrictOrderingFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "gateway.restkit.problem_exception_handler",
+    "DEFAULT_THROTTLE_RATES": {"keys": env_str("API_KEY_CREATE_RATE", "60/hour")},
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "API gateway management API",
+    "DESCRIPTION": "APIs, routes, upstreams, plans, consumers, keys, subscriptions, cache "
+    "purges and analytics. Authenticate with `Authorization: Bearer gwt_…` (an API token "
+    "made in admin). Errors are application/problem+json.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "/" + STATIC_URL + "vendor/swagger-ui",
+    "SWAGGER_UI_FAVICON_HREF": "/" + STATIC_URL + "vendor/swagger-ui/favicon-32x32.png",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "gateway.rest_schema.add_problems_and_etags",
+    ],
 }
 
 LOGGING = {

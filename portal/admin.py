@@ -7,6 +7,7 @@ from gateway.admin_mixins import ConfigChangeAdmin, ConfigChangeMixin
 from portal.keys import key_revoke
 from portal.models import (
     ApiKey,
+    ApiToken,
     AuditEvent,
     Consumer,
     Membership,
@@ -22,6 +23,7 @@ from portal.subscriptions import (
     subscription_cancel,
     subscription_reject,
 )
+from portal.tokens import token_issue, token_revoke
 
 admin.site.site_header = "API management"
 admin.site.site_title = "API management"
@@ -204,3 +206,84 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Management API tokens: made here, shown once on the page after saving."""
+
+    list_display = [
+        "name",
+        "prefix",
+        "user",
+        "scope",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    ]
+    list_filter = ["scope", "revoked_at", "expires_at"]
+    search_fields = ["name", "token_id", "user__email", "user__username"]
+    list_select_related = ["user"]
+    raw_id_fields = ["user"]
+    actions = ["revoke"]
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["user", "name", "scope", "expires_at"]
+        return [
+            "user",
+            "name",
+            "prefix",
+            "scope",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+        ]
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return []
+        return ["user", "prefix", "scope", "created_at", "expires_at", "revoked_at", "last_used_at"]
+
+    def save_model(self, request, obj, form, change) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        issued = token_issue(
+            obj.user,
+            name=obj.name,
+            scope=obj.scope,
+            expires_at=obj.expires_at,
+            actor=request.user,
+        )
+        obj.pk = issued.token.pk
+        request._issued_token = issued  # shown once by response_add
+
+    def response_add(self, request, obj, post_url_continue=None):
+        from django.template.response import TemplateResponse
+
+        issued = getattr(request, "_issued_token", None)
+        if issued is None:
+            return super().response_add(request, obj, post_url_continue)
+        response = TemplateResponse(
+            request,
+            "admin/portal/apitoken/issued.html",
+            {
+                **self.admin_site.each_context(request),
+                "issued": issued,
+                "opts": self.opts,
+                "title": "API token created",
+            },
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request, queryset) -> None:
+        n = 0
+        for token in queryset.filter(revoked_at=None):
+            token_revoke(token, actor=request.user)
+            n += 1
+        self.message_user(request, f"{n} token(s) revoked.", messages.SUCCESS)
