@@ -292,9 +292,52 @@ class RouteAdmin(ConfigChangeAdmin):
 
 @admin.register(ConfigVersion)
 class ConfigVersionAdmin(admin.ModelAdmin):
-    list_display = ["id", "created_at", "actor", "reason"]
+    """The history. Restoring a version applies its configuration again, as a new version
+    (what `manage.py gatewayconfig rollback N` does)."""
+
+    list_display = ["version", "created_at", "actor", "reason", "restorable"]
     search_fields = ["reason"]
     list_filter = ["created_at"]
+    actions = ["restore"]
+
+    @admin.display(boolean=True, description="Restorable")
+    def restorable(self, obj) -> bool:
+        return obj.document_id is not None
+
+    def has_restore_permission(self, request) -> bool:
+        return request.user.has_perm("gateway.restore_configversion")
+
+    @admin.action(
+        description="Restore the configuration of the selected version",
+        permissions=["restore"],
+    )
+    def restore(self, request, queryset) -> None:
+        from gateway import declarative
+
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version.", messages.ERROR)
+            return
+        version = queryset.get().version
+        try:
+            outcome = declarative.restore(version, actor=request.user)
+        except LookupError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
+        except declarative.ConfigFileError as exc:
+            self.message_user(
+                request, "That configuration is refused today: " + exc.render(), messages.ERROR
+            )
+            return
+        if not outcome.changes:
+            self.message_user(request, f"Nothing to change: v{version}'s configuration holds.")
+            return
+        shown = "; ".join(c.render() for c in outcome.changes[:10])
+        more = f" (and {len(outcome.changes) - 10} more)" if len(outcome.changes) > 10 else ""
+        self.message_user(
+            request,
+            f"Restored v{version} as config version {outcome.version}: {shown}{more}",
+            messages.SUCCESS,
+        )
 
     def has_add_permission(self, request) -> bool:
         return False

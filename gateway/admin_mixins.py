@@ -11,9 +11,12 @@ from gateway.config import config_bump
 class ConfigChangeMixin:
     """Saves and deletes run in the admin's transaction, together with a config bump."""
 
-    def save_model(self, request, obj, form, change) -> None:
+    def save_related(self, request, form, formsets, change) -> None:
+        # Admin saves the object, then its many-to-many fields and inlines, all in one
+        # transaction: the bump comes last so the version records the whole change.
         with transaction.atomic():
-            super().save_model(request, obj, form, change)
+            super().save_related(request, form, formsets, change)
+            obj = form.instance
             verb = "changed" if change else "added"
             config_bump(actor=request.user, reason=f"{obj._meta.verbose_name} {obj} {verb}")
 

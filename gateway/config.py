@@ -28,12 +28,16 @@ def config_bump(*, actor=None, reason: str, key_ids: Iterable[str] | None = None
     version = ConfigState.objects.values_list("version", flat=True).get(pk=1)
     if actor is not None and not getattr(actor, "is_authenticated", False):
         actor = None
-    ConfigVersion.objects.create(
+    row = ConfigVersion.objects.create(
         version=version,
         actor=actor,
         reason=reason[:200],
         key_ids=sorted(set(key_ids)) if key_ids is not None else None,
     )
+    if key_ids is None:  # structural: keep the configuration it made, for rollbacks
+        from gateway.declarative import record_document
+
+        record_document(row)
     transaction.on_commit(lambda: _publish(version))
     return version
 

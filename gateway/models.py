@@ -37,6 +37,19 @@ class ConfigState(models.Model):
         return f"config v{self.version}"
 
 
+class ConfigDocument(models.Model):
+    """A whole configuration as a structural config version left it (gateway/declarative.py,
+    canonical JSON, secrets included: never shown by the API), shared by every version that
+    left the same one."""
+
+    sha256 = models.CharField(max_length=64, unique=True)
+    document = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.sha256[:12]
+
+
 class ConfigVersion(models.Model):
     """The history: one row per config version, with who made it and why."""
 
@@ -50,9 +63,15 @@ class ConfigVersion(models.Model):
     # key ids it touched, which gateways reload as a delta. Null: a structural change
     # (APIs, routes, upstreams, plans, …) that rebuilds the whole snapshot.
     key_ids = models.JSONField(null=True, blank=True)
+    # Structural versions: the configuration they made, which `gatewayconfig rollback` and
+    # admin's "restore" apply again.
+    document = models.ForeignKey(
+        ConfigDocument, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
 
     class Meta:
         ordering = ["-id"]
+        permissions = [("restore_configversion", "Can restore an earlier config version")]
 
     def __str__(self) -> str:
         return f"v{self.version}: {self.reason}"
@@ -521,6 +540,15 @@ class Route(models.Model):
             raise ValidationError({exc.field: exc.message}) from None
         if self.version_id and self.api_id and self.version.api_id != self.api_id:
             raise ValidationError({"version": "A version of another API."})
+        if (
+            self.api_id
+            and Route.objects.filter(api_id=self.api_id, name=self.name)
+            .exclude(pk=self.pk)
+            .exists()
+        ):
+            raise ValidationError(
+                {"name": "Another route of this API has this name (names identify routes)."}
+            )
 
 
 class JwtIssuer(models.Model):

@@ -12,6 +12,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
+from gateway import declarative
 from gateway.actions import cache_purge
 from gateway.config import config_bump
 from gateway.models import (
@@ -29,6 +30,7 @@ from gateway.models import (
 from gateway.restkit import (
     FILTERS,
     ConfigViewSet,
+    Conflict,
     EtagMixin,
     ModelCleanSerializer,
     problem_response,
@@ -138,7 +140,7 @@ class _OpenApiDocumentMixin:
     @extend_schema(
         methods=["GET"],
         responses={
-            (200, "application/yaml"): OpenApiTypes.STR,
+            (200, "application/yaml"): OpenApiTypes.OBJECT,
             (200, "application/json"): OpenApiTypes.OBJECT,
             404: OpenApiResponse(description="No document"),
         },
@@ -269,13 +271,35 @@ class CachePurgeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
 
 
 class ConfigVersionSerializer(serializers.ModelSerializer):
+    restorable = serializers.SerializerMethodField()
+
     class Meta:
         model = ConfigVersion
-        fields = ["version", "created_at", "actor", "reason", "key_ids"]
+        fields = ["version", "created_at", "actor", "reason", "key_ids", "restorable"]
+
+    def get_restorable(self, obj) -> bool:
+        """A structural version that kept its configuration (key changes restore the one
+        before them)."""
+        return obj.document_id is not None
+
+
+class RestoreSerializer(serializers.Serializer):
+    dry_run = serializers.BooleanField(default=False, help_text="Only show the changes.")
+
+
+class RestoredSerializer(serializers.Serializer):
+    dry_run = serializers.BooleanField()
+    config_version = serializers.IntegerField(allow_null=True, help_text="The new version.")
+    changes = serializers.ListField(child=serializers.CharField())
+
+
+class CanRestore(AdminResource):
+    perms_map = {**AdminResource.perms_map, "POST": ["%(app_label)s.restore_%(model_name)s"]}
 
 
 class ConfigVersionViewSet(EtagMixin, viewsets.ReadOnlyModelViewSet):
-    """The history of config versions: who changed what, when."""
+    """The history of config versions: who changed what, when. A version's configuration
+    can be read (as the YAML `gatewayconfig` writes, secrets as references) and restored."""
 
     queryset = ConfigVersion.objects.exclude(version=None)
     serializer_class = ConfigVersionSerializer
@@ -285,6 +309,41 @@ class ConfigVersionViewSet(EtagMixin, viewsets.ReadOnlyModelViewSet):
     filterset_fields = ["actor"]
     ordering_fields = ["version", "created_at"]
     ordering = ["-version"]
+
+    @extend_schema(responses={(200, "application/yaml"): OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["get"])
+    def document(self, request, version=None):
+        """The configuration as of this version, as `gatewayconfig export` writes it."""
+        self.get_object()
+        try:
+            _, document = declarative.document_at(int(version))
+        except LookupError as exc:
+            return problem_response(404, "not-found", "Not found", str(exc))
+        text = declarative.dump_yaml(declarative.to_file_document(document)[0])
+        return HttpResponse(text, content_type="application/yaml; charset=utf-8")
+
+    @extend_schema(request=RestoreSerializer, responses={200: RestoredSerializer})
+    @action(detail=True, methods=["post"], permission_classes=[CanRestore])
+    def restore(self, request, version=None):
+        """Apply this version's configuration again, as a new version (needs admin's
+        "Can restore an earlier config version" permission)."""
+        self.get_object()
+        given = RestoreSerializer(data=request.data)
+        given.is_valid(raise_exception=True)
+        dry_run = given.validated_data["dry_run"]
+        try:
+            outcome = declarative.restore(int(version), actor=request.user, dry_run=dry_run)
+        except LookupError as exc:
+            raise Conflict(str(exc)) from None
+        except declarative.ConfigFileError as exc:
+            raise Conflict("Today's database refuses that configuration: " + exc.render()) from None
+        return Response(
+            {
+                "dry_run": dry_run,
+                "config_version": outcome.version,
+                "changes": [c.render() for c in outcome.changes],
+            }
+        )
 
 
 def register(router) -> None:

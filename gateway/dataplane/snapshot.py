@@ -487,10 +487,15 @@ def _version_headers(version) -> tuple[tuple[bytes, bytes], ...]:
 def compile_policies(api, route) -> dict[str, object]:
     """The enabled policies of a route: the API's, each replaced by the route's own of its
     kind. A bad configuration raises RouteConfigError (the snapshot is refused)."""
+    return compile_policy_rows(api.policies.all(), route.policies.all())
+
+
+def compile_policy_rows(api_policies, route_policies) -> dict[str, object]:
+    """compile_policies() on Policy rows already at hand."""
     from gateway.models import parse_policy
 
-    chosen = {p.kind: p for p in api.policies.all() if p.enabled}
-    for p in route.policies.all():
+    chosen = {p.kind: p for p in api_policies if p.enabled}
+    for p in route_policies:
         if p.enabled:
             chosen[p.kind] = p
         else:
