@@ -200,6 +200,8 @@ GATEWAY = {
     "LOG_STREAM": "gateway:events",
     # Entries (batches of up to LOG_BATCH_SIZE events) kept in the stream if ingest stops:
     # past it the oldest are trimmed, so a long Celery outage cannot exhaust Redis memory.
+    # Unconsumed batches the stream may hold; beyond it gateways keep (then drop and count)
+    # events instead of adding: nothing is trimmed unread (gateway/dataplane/logship.py).
     "LOG_STREAM_MAXLEN": env_int("GATEWAY_LOG_STREAM_MAXLEN", 100_000, minimum=100),
     "COUNTER_FLUSH_INTERVAL": 1.0,
     "UPSTREAM_CONNECT_TIMEOUT": env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.01),

@@ -74,3 +74,49 @@ def test_what_cannot_be_shipped_at_shutdown_is_counted_as_dropped():
 
     buffer = asyncio.run(run())
     assert buffer.dropped == 25 and len(buffer) == 0
+
+
+def test_a_full_stream_refuses_batches_and_never_trims_unread_ones(settings):
+    """The stream holds at most `maxlen` unconsumed batches. Beyond it the shipper keeps the
+    batch and its buffer drops (and counts) new events: no batch already in the stream is
+    thrown away unread, as XADD MAXLEN would do."""
+    import uuid
+
+    import pytest
+
+    if not settings.REDIS_URL:
+        pytest.skip("REDIS_URL not set")
+    import redis.asyncio as aioredis
+
+    from gateway.dataplane.logship import RedisStreamSink, decode_batch
+
+    stream = f"test:ship:{uuid.uuid4().hex}"
+
+    async def main():
+        client = aioredis.Redis.from_url(settings.REDIS_URL)
+        try:
+            buffer = EventBuffer(capacity=3, batch_size=1)
+            shipper = LogShipper(buffer, RedisStreamSink(client, stream, maxlen=2), interval=0.01)
+            for i in range(5):
+                buffer.push((f"e{i}",))
+            assert buffer.dropped == 2
+            assert await shipper.ship_once() and await shipper.ship_once()
+            assert not await shipper.ship_once()  # full: the batch is kept, not lost
+            assert len(buffer) == 1 and shipper.failures == 1
+            for i in (5, 6, 7):
+                buffer.push((f"e{i}",))
+            assert buffer.dropped == 3  # counted where it happens
+            entries = await client.xrange(stream)
+            assert [decode_batch(f[b"batch"])[0]["id"] for _, f in entries] == ["e0", "e1"]
+            # Ingest consumes (acknowledges and deletes): there is room again.
+            await client.xdel(stream, *[entry_id for entry_id, _ in entries])
+            assert await shipper.ship_once() and await shipper.ship_once()
+            assert not await shipper.ship_once()
+            entries = await client.xrange(stream)
+            assert [decode_batch(f[b"batch"])[0]["id"] for _, f in entries] == ["e2", "e5"]
+            assert buffer.shipped == 4 and buffer.dropped == 3 and len(buffer) == 1  # e6
+        finally:
+            await client.delete(stream)
+            await client.aclose()
+
+    asyncio.run(main())

@@ -120,18 +120,37 @@ class SpoolSink:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._write, data)
 
 
+class StreamFull(Exception):
+    """The stream holds its maximum of unconsumed batches (ingest is behind or down)."""
+
+
+# XADD only below the cap, in one atomic step. Ingest deletes what it has acknowledged, so
+# the stream's length is what is still unconsumed: nothing is ever trimmed unread (XADD's own
+# MAXLEN would silently discard the oldest unread batches). A full stream refuses the batch;
+# the shipper keeps it and retries, and once its bounded buffer is full too, new events are
+# dropped and counted (gateway_log_events_dropped): every loss is counted at the gateway.
+_XADD_BELOW_CAP = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'batch', ARGV[1])
+return 1
+"""
+
+
 class RedisStreamSink:
-    """XADDs each batch as one stream entry: one round trip, one command."""
+    """Adds each batch as one stream entry (one round trip), unless the stream is full."""
 
     def __init__(self, client, stream: str, *, maxlen: int) -> None:
         self.client = client
         self.stream = stream
         self.maxlen = maxlen
+        self._xadd = client.register_script(_XADD_BELOW_CAP)
 
     async def write(self, batch: list[Event]) -> None:
-        await self.client.xadd(
-            self.stream, {"batch": encode_batch(batch)}, maxlen=self.maxlen, approximate=True
-        )
+        added = await self._xadd(keys=[self.stream], args=[encode_batch(batch), self.maxlen])
+        if not added:
+            raise StreamFull(
+                f"stream {self.stream} holds {self.maxlen} unconsumed batches; is ingest running?"
+            )
 
 
 class LogShipper:
