@@ -173,7 +173,7 @@ class ApiAdmin(ConfigChangeAdmin):
     search_fields = ["name", "slug", "path_prefix", "hosts", "description"]
     prepopulated_fields = {"slug": ["name"]}
     fieldsets = [
-        (None, {"fields": ["name", "slug", "description", "is_published"]}),
+        (None, {"fields": ["name", "slug", "description", "is_published", "portal_try_it"]}),
         ("Routing", {"fields": ["path_prefix", "hosts", "upstream"]}),
         (
             "Versions",

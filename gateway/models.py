@@ -287,6 +287,12 @@ class Api(models.Model):
         max_length=100, default="version", help_text="Query parameter (scheme 'query')."
     )
     is_published = models.BooleanField(default=True, help_text="Listed in the portal catalog.")
+    portal_try_it = models.BooleanField(
+        default=False,
+        help_text='The portal\'s documentation may send real requests here ("Try it"): the '
+        "gateway admits the portal's origin (PORTAL_URL) by CORS on this API, with the key "
+        "and version headers.",
+    )
     key_header = models.CharField(
         max_length=100, default="X-API-Key", help_text="Header that carries the API key."
     )

@@ -67,13 +67,24 @@ def _decide(sub: Subscription, *, status: str, actor, allowed_from: set[str]) ->
 
 
 def subscription_approve(sub: Subscription, *, actor=None) -> Subscription:
-    """Approve a pending subscription: its keys start working."""
-    return _decide(sub, status=Subscription.Status.ACTIVE, actor=actor, allowed_from={"pending"})
+    """Approve a pending subscription: its keys start working; the subscriber is emailed."""
+    sub = _decide(sub, status=Subscription.Status.ACTIVE, actor=actor, allowed_from={"pending"})
+    _tell(sub)
+    return sub
 
 
 def subscription_reject(sub: Subscription, *, actor=None) -> Subscription:
-    """Reject a pending subscription."""
-    return _decide(sub, status=Subscription.Status.REJECTED, actor=actor, allowed_from={"pending"})
+    """Reject a pending subscription; the subscriber is emailed."""
+    sub = _decide(sub, status=Subscription.Status.REJECTED, actor=actor, allowed_from={"pending"})
+    _tell(sub)
+    return sub
+
+
+def _tell(sub: Subscription) -> None:
+    from portal.notify import subscription_decided
+
+    # After commit: inside an outer transaction that rolls back, nobody is told anything.
+    transaction.on_commit(lambda: subscription_decided(sub))
 
 
 def subscription_cancel(sub: Subscription, *, actor=None) -> Subscription:

@@ -7,8 +7,9 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
@@ -17,12 +18,13 @@ from django_ratelimit.decorators import ratelimit
 from analytics.exports import csv_response
 from analytics.selectors import export_rows, key_usage_series
 from gateway.models import Api
+from portal import catalog_docs
 from portal.consumers import consumer_for_user
 from portal.forms import KeyCreateForm
 from portal.keys import KeyActionError, key_issue, key_revoke, key_rotate
 from portal.models import ApiKey, Plan, Subscription
 from portal.selectors import consumer_keys, consumer_subscriptions, public_plans, quota_usage
-from portal.subscriptions import subscription_create
+from portal.subscriptions import SubscriptionError, subscription_cancel, subscription_create
 
 
 def ratelimited(request: HttpRequest, exception: Exception) -> HttpResponse:
@@ -50,6 +52,81 @@ def catalog(request: HttpRequest) -> HttpResponse:
     )
 
 
+def _published_api(slug: str) -> Api:
+    return get_object_or_404(
+        Api.objects.prefetch_related("versions", "plans"), slug=slug, is_published=True
+    )
+
+
+def _version_state(version, now) -> str:
+    if version.sunset_at and version.sunset_at <= now:
+        return "sunset"
+    if version.deprecated_at and version.deprecated_at <= now:
+        return "deprecated"
+    return "current"
+
+
+def api_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    """One API: its description, base URLs, versions with their status, and its plans."""
+    api = _published_api(slug)
+    now = timezone.now()
+    versions = sorted(api.versions.all(), key=lambda v: (not v.is_default, v.name))
+    for v in versions:
+        v.state = _version_state(v, now)
+        v.base_url = catalog_docs.version_base_url(api, v)
+        v.has_docs = bool((v.openapi or api.openapi).strip())
+    return render(
+        request,
+        "portal/api_detail.html",
+        {
+            "api": api,
+            "versions": versions,
+            "base_url": catalog_docs.version_base_url(api, None),
+            "plans": [p for p in api.plans.all() if p.is_public],
+            "has_docs": bool(api.openapi.strip()),
+        },
+    )
+
+
+def api_docs(request: HttpRequest, slug: str, version: str | None = None) -> HttpResponse:
+    """The OpenAPI document of an API (or one of its versions) in Swagger UI, with "Try it"
+    against the gateway when the API allows the portal's origin."""
+    api = _published_api(slug)
+    chosen = get_object_or_404(api.versions, name=version) if version else None
+    if not catalog_docs.document_text(api, chosen).strip():
+        raise Http404("This API has no OpenAPI document.")
+    spec_url = (
+        reverse("portal:api_version_openapi", args=[api.slug, chosen.name])
+        if chosen
+        else reverse("portal:api_openapi", args=[api.slug])
+    )
+    return render(
+        request,
+        "portal/api_docs.html",
+        {
+            "api": api,
+            "version": chosen,
+            "state": _version_state(chosen, timezone.now()) if chosen else "current",
+            "spec_url": spec_url,
+            "base_url": catalog_docs.version_base_url(api, chosen),
+            "try_it": api.portal_try_it,
+            "version_header": api.version_header if api.version_scheme == "header" else "",
+            "version_query": api.version_query if api.version_scheme == "query" else "",
+        },
+    )
+
+
+def api_openapi(request: HttpRequest, slug: str, version: str | None = None) -> JsonResponse:
+    """The document as JSON, its `servers` set to the gateway URL of that version."""
+    api = _published_api(slug)
+    chosen = get_object_or_404(api.versions, name=version) if version else None
+    try:
+        doc = catalog_docs.document_for_portal(api, chosen)
+    except catalog_docs.NoDocument:
+        raise Http404("This API has no OpenAPI document.") from None
+    return JsonResponse(doc, json_dumps_params={"ensure_ascii": False})
+
+
 def plans(request: HttpRequest) -> HttpResponse:
     subscribed: dict[int, str] = {}
     if request.user.is_authenticated:
@@ -70,6 +147,23 @@ def subscribe(request: HttpRequest, slug: str) -> HttpResponse:
         messages.info(request, f"Your subscription to {plan.name} is waiting for approval.")
     else:
         messages.success(request, f"You are subscribed to {plan.name}. Create a key below.")
+    return redirect("portal:dashboard")
+
+
+@login_required
+@require_POST
+def unsubscribe(request: HttpRequest, pk: int) -> HttpResponse:
+    """End one of the user's subscriptions (pending or active): its keys stop working."""
+    consumer = consumer_for_user(request.user)
+    sub = get_object_or_404(Subscription.objects.select_related("plan"), pk=pk, consumer=consumer)
+    try:
+        subscription_cancel(sub, actor=request.user)
+    except SubscriptionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request, f"You are unsubscribed from {sub.plan.name}; its keys stop working now."
+        )
     return redirect("portal:dashboard")
 
 

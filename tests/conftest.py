@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,6 +15,10 @@ import requests
 from tests.procs import BIN, Proc, child_env, free_port, port_open, wait_until
 
 PASSWORD = "correct-horse-battery-staple-42"
+# pytest-django's live server (the portal in browser tests) on a port known from the start,
+# so that the gateway processes can be told the portal's origin (PORTAL_URL, for CORS).
+os.environ.setdefault("DJANGO_LIVE_TEST_SERVER_ADDRESS", f"127.0.0.1:{free_port()}")
+LIVE_PORTAL_URL = "http://" + os.environ["DJANGO_LIVE_TEST_SERVER_ADDRESS"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
@@ -205,6 +210,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         GATEWAY_WORKERS="2" if settings.REDIS_URL else "1",
         GATEWAY_LOG_FLUSH_INTERVAL="0.2",
         GATEWAY_HEADER_TIMEOUT="2",  # short, so that the slowloris test is quick
+        PORTAL_URL=LIVE_PORTAL_URL,
     )
     procs: dict[str, Proc] = {}
     try:

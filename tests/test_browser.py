@@ -221,3 +221,62 @@ def test_signup_to_usage_chart_to_revocation(live_server, stack, live, mailoutbo
         f"\nbrowser test: usage total {total}, revoked key rejected after {took:.2f} s, "
         f"{time.monotonic() - started:.1f} s in all"
     )
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and os.environ.get("CI") != "true", reason="chromium is not installed"
+)
+def test_try_it_calls_the_gateway_from_the_api_reference(live_server, stack, live, settings):
+    """Catalog → API page → reference (Swagger UI, local) → Try it with a pasted key: the
+    browser calls the real gateway cross-origin (its CORS admits the portal) and shows 200."""
+    from django.db import transaction
+    from playwright.sync_api import expect, sync_playwright
+
+    from gateway.config import config_bump
+    from gateway.management.commands.seeddemo import DEMO_OPENAPI
+    from tests.conftest import active_key, make_user
+
+    api = live.api
+    api.openapi, api.portal_try_it, api.description = DEMO_OPENAPI, True, "Echoes requests."
+    with transaction.atomic():
+        api.save()
+        config_bump(reason="try it")
+    key = active_key(make_user("try@example.com"), live.free).key
+    wait_for_key(stack, key)
+    settings.GATEWAY_PUBLIC_URL = stack.gateway_url  # the live server runs in this process
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.set_default_timeout(10_000)
+            page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
+            page.on(
+                "console",
+                lambda msg: problems.append(msg.text) if msg.type == "error" else None,
+            )
+            page.goto(live_server.url + "/apis/")
+            page.get_by_role("link", name="Demo").click()
+            expect(page.get_by_role("heading", name="Demo", exact=True)).to_be_visible()
+            _shot(page, "api-detail")
+            page.get_by_role("link", name="Reference and Try it").click()
+            expect(page.locator(".swagger-ui .info .title")).to_contain_text("Demo echo API")
+            page.fill("#try-key", key)
+            page.locator(".opblock-get .opblock-summary").first.click()
+            page.get_by_role("button", name="Try it out").click()
+            page.locator(".opblock-get input[placeholder=path]").fill("from-the-portal")
+            page.get_by_role("button", name="Execute").click()
+            status = page.locator(".opblock-get .live-responses-table tbody .response-col_status")
+            try:
+                expect(status.first).to_have_text("200", timeout=15_000)
+            except AssertionError:
+                _shot(page, "api-try-it-failed")
+                raise
+            body = page.locator(".opblock-get .live-responses-table .highlight-code").first
+            expect(body).to_contain_text("/anything/from-the-portal")
+            _shot(page, "api-try-it")
+            stored = page.evaluate("() => JSON.stringify({...localStorage, ...sessionStorage})")
+            assert key not in stored  # typed, used, never kept
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)

@@ -490,6 +490,66 @@ def compile_policies(api, route) -> dict[str, object]:
     return compile_policy_rows(api.policies.all(), route.policies.all())
 
 
+TRY_IT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+TRY_IT_EXPOSE = (
+    "x-request-id",
+    "ratelimit",
+    "ratelimit-policy",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "retry-after",
+    "x-cache",
+)
+
+
+def portal_origin() -> str:
+    """The portal's origin (scheme://host[:port], as browsers send it), from PORTAL_URL."""
+    from urllib.parse import urlsplit
+
+    from django.conf import settings
+
+    parts = urlsplit(settings.PORTAL_URL)
+    origin = f"{parts.scheme}://{parts.hostname}".lower()
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return origin + (f":{parts.port}" if parts.port and parts.port != default else "")
+
+
+def portal_try_it_cors(api, current):
+    """The API's CORS policy (or none) widened so that the portal's "Try it" may call it:
+    the portal's origin, every method, the key and version headers; no credentials are
+    needed (the key is a header the page sets)."""
+    import dataclasses
+
+    from gateway.dataplane.stages.cors import CorsConfig
+
+    origin = portal_origin()
+    headers = {"content-type", "authorization", api.key_header.lower()}
+    if api.version_scheme == "header":
+        headers.add(api.version_header.lower())
+    if current is None:
+        return CorsConfig(
+            origins=(origin,),
+            methods=TRY_IT_METHODS,
+            headers=tuple(sorted(headers)),
+            expose_headers=TRY_IT_EXPOSE,
+        )
+    origins = current.origins
+    if origin not in origins and "*" not in origins:
+        origins = (*origins, origin)
+    methods = tuple(dict.fromkeys((*current.methods, *TRY_IT_METHODS)))
+    have = {h.lower() for h in current.headers}
+    allowed = current.headers
+    if "*" not in have:
+        allowed = (*current.headers, *sorted(headers - have))
+    expose = current.expose_headers
+    if "*" not in expose:
+        expose = tuple(dict.fromkeys((*expose, *TRY_IT_EXPOSE)))
+    return dataclasses.replace(
+        current, origins=origins, methods=methods, headers=allowed, expose_headers=expose
+    )
+
+
 def compile_policy_rows(api_policies, route_policies) -> dict[str, object]:
     """compile_policies() on Policy rows already at hand."""
     from gateway.models import parse_policy
@@ -553,6 +613,8 @@ def compile_route_entries(
             templates.append(rate_template(row, origin=f"r{route.pk}p{row.plan_id}"))
     rate_overrides = {p: (frozenset(sl), tuple(ts)) for p, (sl, ts) in overrides.items()}
     policies = compile_policies(api, route)
+    if api.portal_try_it:
+        policies["cors"] = portal_try_it_cors(api, policies.get("cors"))
     aggregate = None
     if "aggregate" in policies:
         calls = []

@@ -12,6 +12,32 @@ from gateway.config import config_bump
 from gateway.models import Api, Route, Target, Upstream
 from portal.models import Plan, RateLimit, User
 
+DEMO_OPENAPI = """\
+openapi: 3.0.3
+info:
+  title: Demo echo API
+  version: "1"
+  description: Answers with the request it received (method, path, query, headers, body).
+paths:
+  /anything/{path}:
+    parameters:
+      - {name: path, in: path, required: true, schema: {type: string}, example: hello}
+    get:
+      summary: Echo a GET
+      parameters:
+        - {name: greeting, in: query, required: false, schema: {type: string}}
+      responses:
+        "200": {description: The request as the upstream saw it, as JSON.}
+    post:
+      summary: Echo a JSON body
+      requestBody:
+        content:
+          application/json:
+            schema: {type: object, example: {"message": "hi"}}
+      responses:
+        "200": {description: The request as the upstream saw it, as JSON.}
+"""
+
 
 class Command(BaseCommand):
     help = __doc__
@@ -36,6 +62,8 @@ class Command(BaseCommand):
                     "path_prefix": "/demo",
                     "upstream": upstream,
                     "description": "Answers every path with the request it received, as JSON.",
+                    "openapi": DEMO_OPENAPI,
+                    "portal_try_it": True,
                 },
             )
             if api_created:
