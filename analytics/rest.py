@@ -10,14 +10,20 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from analytics.models import Rollup
-from analytics.selectors import RANGES, top, top_consumers, top_window, usage_series
+from analytics.selectors import (
+    RANGES,
+    SERIES_RANGES,
+    top,
+    top_consumers,
+    top_window,
+    usage_series,
+)
 from portal.consumers import consumer_for_user
 from portal.models import ApiKey, Subscription
 from portal.rest_auth import OwnResource
 from portal.selectors import quota_usage
 
 # range -> (granularity, points) for series; the dashboards' ranges plus the last hour.
-SERIES_RANGES = {"60m": ("m", 60), **RANGES}
 DIMENSIONS = {c.value for c in Rollup.Dimension}
 
 

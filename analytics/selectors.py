@@ -59,9 +59,11 @@ def usage_series(
     granularity: str = "m",
     points: int = 60,
     now: datetime | None = None,
+    dim_ids: list[int] | None = None,
 ) -> dict:
-    """Requests per bucket by status class for one dimension value (None: all of them),
-    gaps filled with zeros, plus totals and latency percentiles over the whole range."""
+    """Requests per bucket by status class for one dimension value (None: all of them; or
+    the values `dim_ids`, merged), gaps filled with zeros, plus totals and latency
+    percentiles over the whole range."""
     step = STEP[granularity]
     end = bucket_start(now or timezone.now(), granularity)
     start = end - step * (points - 1)
@@ -70,6 +72,8 @@ def usage_series(
     )
     if dim_id is not None:
         rows = rows.filter(dim_id=dim_id)
+    if dim_ids is not None:
+        rows = rows.filter(dim_id__in=dim_ids)
     rows = list(
         rows.values("bucket", "status_class").annotate(
             n=Sum("count"), err=Sum("errors"), **{h: Sum(h) for h in HISTOGRAM_FIELDS}
@@ -111,6 +115,7 @@ RANGES = {  # name -> (granularity, points)
     "7d": ("h", 24 * 7),
     "30d": ("d", 30),
 }
+SERIES_RANGES = {"60m": ("m", 60), **RANGES}  # what charts of one key or consumer offer
 
 
 def top_window(name: str, *, now: datetime | None = None) -> tuple[str, datetime]:
@@ -246,6 +251,7 @@ def export_rows(
     since: datetime,
     until: datetime,
     dim_id: int | None = None,
+    dim_ids: list[int] | None = None,
 ):
     """Rollup rows for a CSV export, oldest first, streamed from the database."""
     rows = Rollup.objects.filter(
@@ -253,6 +259,8 @@ def export_rows(
     )
     if dim_id is not None:
         rows = rows.filter(dim_id=dim_id)
+    if dim_ids is not None:
+        rows = rows.filter(dim_id__in=dim_ids)
     return (
         rows.order_by("bucket", "dim_id", "status_class")
         .values_list(
@@ -269,3 +277,15 @@ def export_rows(
         )
         .iterator(chunk_size=2000)
     )
+
+
+def totals_by(dimension: str, dim_ids: list[int], *, granularity: str, since: datetime) -> dict:
+    """Requests per dimension value (of `dim_ids`) since `since`."""
+    rows = (
+        Rollup.objects.filter(
+            granularity=granularity, dimension=dimension, dim_id__in=dim_ids, bucket__gte=since
+        )
+        .values("dim_id")
+        .annotate(n=Sum("count"))
+    )
+    return {r["dim_id"]: r["n"] for r in rows}

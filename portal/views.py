@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib import messages
@@ -16,7 +16,13 @@ from django.views.decorators.http import require_POST
 from django_ratelimit.decorators import ratelimit
 
 from analytics.exports import csv_response
-from analytics.selectors import export_rows, key_usage_series
+from analytics.selectors import (
+    SERIES_RANGES,
+    bucket_start,
+    export_rows,
+    totals_by,
+    usage_series,
+)
 from gateway.models import Api
 from portal import catalog_docs
 from portal.consumers import consumer_for_user
@@ -271,15 +277,47 @@ def key_rotate_view(request: HttpRequest, pk: int) -> HttpResponse:
     return _show_new_key(request, issued, rotated=api_key)
 
 
+RANGE_LABELS = {
+    "60m": "requests per minute, last hour",
+    "24h": "requests per hour, last 24 hours",
+    "7d": "requests per hour, last 7 days",
+    "30d": "requests per day, last 30 days",
+}
+
+
+def _range(request: HttpRequest) -> str:
+    chosen = request.GET.get("range", "")
+    return chosen if chosen in SERIES_RANGES else ""
+
+
+def _series(request: HttpRequest, default: str, **selector) -> tuple[str, dict]:
+    name = _range(request) or default
+    granularity, points = SERIES_RANGES[name]
+    return name, usage_series("key", None, granularity=granularity, points=points, **selector)
+
+
+def _csv_window(name: str) -> tuple[str, datetime, datetime]:
+    """What a range's CSV holds: minute rows for the last hour, hour rows otherwise."""
+    until = timezone.now()
+    granularity, points = SERIES_RANGES[name]
+    step = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+    since = until - step[granularity] * points
+    return ("m" if granularity == "m" else "h"), since, until
+
+
 @login_required
 def key_usage(request: HttpRequest, pk: int) -> HttpResponse:
     api_key = _own_key(request, pk)
+    name, usage = _series(request, "60m", dim_ids=[api_key.pk])
     return render(
         request,
         "portal/key_usage.html",
         {
             "key": api_key,
-            "usage": key_usage_series(api_key.pk),
+            "usage": usage,
+            "range": name,
+            "range_label": RANGE_LABELS[name],
+            "ranges": RANGE_LABELS,
             "quota": quota_usage(api_key.subscription),
         },
     )
@@ -289,7 +327,7 @@ def key_usage(request: HttpRequest, pk: int) -> HttpResponse:
 def key_usage_data(request: HttpRequest, pk: int) -> JsonResponse:
     api_key = _own_key(request, pk)
     quota = quota_usage(api_key.subscription)
-    data = key_usage_series(api_key.pk)
+    _, data = _series(request, "60m", dim_ids=[api_key.pk])
     data["quota"] = (
         {"limit": quota.limit, "used": quota.used, "remaining": quota.remaining} if quota else None
     )
@@ -299,11 +337,70 @@ def key_usage_data(request: HttpRequest, pk: int) -> JsonResponse:
 @login_required
 @ratelimit(key="user", rate="60/h", block=True)
 def key_usage_csv(request: HttpRequest, pk: int) -> HttpResponse:
-    """Hourly rollups of one of the user's keys, last 30 days, as a streamed CSV."""
+    """One of the user's keys over a range (default: hourly, 30 days), as a streamed CSV."""
     api_key = _own_key(request, pk)
-    until = timezone.now()
-    since = until - timedelta(days=30)
+    granularity, since, until = _csv_window(_range(request) or "30d")
     rows = export_rows(
-        granularity="h", dimension="key", dim_id=api_key.pk, since=since, until=until
+        granularity=granularity, dimension="key", dim_id=api_key.pk, since=since, until=until
     )
     return csv_response(rows, filename=f"usage-{api_key.prefix}.csv")
+
+
+def _own_key_ids(request: HttpRequest) -> list[int]:
+    consumer = consumer_for_user(request.user)
+    return list(ApiKey.objects.filter(subscription__consumer=consumer).values_list("pk", flat=True))
+
+
+@login_required
+def usage(request: HttpRequest) -> HttpResponse:
+    """All of the user's keys together over a range, each key's share, and every quota."""
+    consumer = consumer_for_user(request.user)
+    keys = list(consumer_keys(consumer))
+    key_ids = [k.pk for k in keys]
+    name, data = _series(request, "24h", dim_ids=key_ids)
+    granularity, points = SERIES_RANGES[name]
+    step = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+    since = bucket_start(timezone.now(), granularity) - step[granularity] * (points - 1)
+    per_key = totals_by("key", key_ids, granularity=granularity, since=since)
+    for k in keys:
+        k.requests = per_key.get(k.pk, 0)
+    quotas = []
+    for sub in consumer_subscriptions(consumer):
+        if sub.is_active():
+            q = quota_usage(sub)
+            if q is not None:
+                quotas.append((sub, q))
+    return render(
+        request,
+        "portal/usage.html",
+        {
+            "usage": data,
+            "range": name,
+            "range_label": RANGE_LABELS[name],
+            "ranges": RANGE_LABELS,
+            "keys": sorted(keys, key=lambda k: -k.requests),
+            "quotas": quotas,
+        },
+    )
+
+
+@login_required
+def usage_data(request: HttpRequest) -> JsonResponse:
+    _, data = _series(request, "24h", dim_ids=_own_key_ids(request))
+    data["quota"] = None
+    return JsonResponse(data)
+
+
+@login_required
+@ratelimit(key="user", rate="60/h", block=True)
+def usage_csv(request: HttpRequest) -> HttpResponse:
+    """Every key of the user over a range (default: hourly, 30 days), as a streamed CSV."""
+    granularity, since, until = _csv_window(_range(request) or "30d")
+    rows = export_rows(
+        granularity=granularity,
+        dimension="key",
+        dim_ids=_own_key_ids(request),
+        since=since,
+        until=until,
+    )
+    return csv_response(rows, filename="usage.csv")
