@@ -80,6 +80,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "allauth",
     "allauth.account",
+    "allauth.mfa",
     "rest_framework",
     "django_filters",
     "drf_spectacular",
@@ -251,6 +252,10 @@ ACCOUNT_LOGIN_ON_EMAIL_CONFIRMATION = True
 ACCOUNT_CONFIRM_EMAIL_ON_GET = False
 ACCOUNT_LOGOUT_ON_PASSWORD_CHANGE = False
 ACCOUNT_PREVENT_ENUMERATION = True
+# Optional second factor: an authenticator app (TOTP, RFC 6238) and recovery codes; each user
+# turns it on under Account → Two-factor authentication (/accounts/2fa/).
+MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
+MFA_TOTP_ISSUER = "API Portal"
 LOGIN_REDIRECT_URL = "portal:dashboard"
 LOGIN_URL = "account_login"
 AUTH_PASSWORD_VALIDATORS = [
