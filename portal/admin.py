@@ -10,6 +10,7 @@ from portal.models import (
     ApiToken,
     AuditEvent,
     Consumer,
+    Invitation,
     Membership,
     Organization,
     Plan,
@@ -52,6 +53,37 @@ class OrganizationAdmin(ConfigChangeAdmin):
     @admin.display(description="Members")
     def member_count(self, obj: Organization) -> int:
         return obj.memberships.count()
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """Invitations sent from the portal (the link's token is not stored, only its hash)."""
+
+    list_display = [
+        "email",
+        "organization",
+        "role",
+        "invited_by",
+        "created_at",
+        "expires_at",
+        "accepted_at",
+    ]
+    list_filter = ["role"]
+    search_fields = ["email", "organization__name"]
+    readonly_fields = [
+        "organization",
+        "email",
+        "role",
+        "invited_by",
+        "created_at",
+        "expires_at",
+        "accepted_at",
+        "accepted_by",
+    ]
+    exclude = ["digest"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # owners invite from the portal, which sends the email
 
 
 @admin.register(Consumer)

@@ -54,8 +54,12 @@ def key_issue(
     name: str,
     actor=None,
     expires_at: datetime | None = None,
+    created_by=None,
 ) -> IssuedKey:
-    """Create a key under `subscription`; the returned `key` is the only copy there is."""
+    """Create a key under `subscription`; the returned `key` is the only copy there is.
+    `created_by`: the person it belongs to (default: the actor, when a signed-in user)."""
+    if created_by is None and getattr(actor, "is_authenticated", False):
+        created_by = actor
     for _ in range(5):
         key_id = secrets.token_hex(_KEY_ID_HEX // 2)
         raw = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
@@ -67,6 +71,7 @@ def key_issue(
                     key_id=key_id,
                     digest=key_digest(raw),
                     expires_at=expires_at,
+                    created_by=created_by,
                 )
                 audit_record(actor=actor, action="key_issue", target=api_key)
                 config_bump(actor=actor, reason=f"key {api_key.prefix} issued", key_ids=[key_id])
@@ -93,7 +98,13 @@ def key_rotate(
         now = timezone.now()
         if not old.is_usable(now):
             raise KeyActionError("Only a usable key can be rotated.")
-        issued = key_issue(old.subscription, name=old.name, actor=actor, expires_at=old.expires_at)
+        issued = key_issue(
+            old.subscription,
+            name=old.name,
+            actor=actor,
+            expires_at=old.expires_at,
+            created_by=old.created_by,  # a replacement still belongs to whoever had the old
+        )
         ends = now + grace
         if old.expires_at is None or old.expires_at > ends:
             old.expires_at = ends

@@ -50,6 +50,38 @@ class Membership(models.Model):
         return f"{self.user} in {self.organization} ({self.role})"
 
 
+class Invitation(models.Model):
+    """An invitation to join an organization, sent by email as a link. The link's token is
+    stored only as a keyed hash; it works once, for the invited address, until it expires."""
+
+    organization = models.ForeignKey(
+        Organization, related_name="invitations", on_delete=models.CASCADE
+    )
+    email = models.EmailField()
+    role = models.CharField(
+        max_length=10, choices=Membership.Role.choices, default=Membership.Role.MEMBER
+    )
+    digest = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.organization}"
+
+    def is_open(self, now: datetime) -> bool:
+        return self.accepted_at is None and self.expires_at > now
+
+
 class Consumer(models.Model):
     """What owns keys and subscriptions: exactly one user or one organization."""
 
@@ -267,6 +299,14 @@ class ApiKey(models.Model):
         max_length=500,
         blank=True,
         help_text="Space-separated scopes this key holds, for routes that require scopes.",
+    )
+    # Who made it: for an organization's key, the member (its usage is broken down by it).
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="created_keys",
     )
 
     class Meta:

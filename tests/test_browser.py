@@ -280,3 +280,84 @@ def test_try_it_calls_the_gateway_from_the_api_reference(live_server, stack, liv
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and os.environ.get("CI") != "true", reason="chromium is not installed"
+)
+def test_partner_invites_a_member_whose_calls_show_on_the_organization_chart(
+    live_server, stack, live, mailoutbox
+):
+    """Owner creates an organization and subscribes it; invites a member by email; the
+    member accepts the link, makes a key, calls the gateway; the organization's chart and
+    its by-member table show those calls."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.conftest import PASSWORD, make_user
+
+    make_user("owner@partner.test")
+    make_user("member@partner.test")
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.set_default_timeout(10_000)
+            page = context.new_page()
+            page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
+            page.on("dialog", lambda dialog: dialog.accept())
+
+            def sign_in(email: str) -> None:
+                page.goto(live_server.url + "/accounts/login/")
+                page.fill("input[name=login]", email)
+                page.fill("input[name=password]", PASSWORD)
+                page.get_by_role("button", name="Sign In").click()
+                expect(page).to_have_url(re.compile(r"/dashboard/$"))
+
+            sign_in("owner@partner.test")
+            page.locator("header nav").get_by_role("link", name="Organizations").click()
+            page.fill("#org-name", "Partner Co")
+            page.get_by_role("button", name="Create").click()
+            expect(page.get_by_role("heading", name="Partner Co")).to_be_visible()
+            page.select_option("#org-plan", "free")
+            page.locator("#org-subscribe").get_by_role("button", name="Subscribe").click()
+            expect(page.locator(".messages")).to_contain_text("Partner Co is subscribed to Free")
+            page.fill("#invite-email", "member@partner.test")
+            page.get_by_role("button", name="Send invitation").click()
+            expect(page.locator(".messages")).to_contain_text("An invitation is on its way")
+            _shot(page, "org-owner")
+            link = re.search(r"https?://\S+/orgs/join/\S+/", mailoutbox[-1].body).group(0)
+            page.locator("header nav").get_by_role("button", name=re.compile("Sign out")).click()
+
+            sign_in("member@partner.test")
+            page.goto(live_server.url + link[link.index("/orgs/join/") :])
+            expect(page.get_by_text("join Partner Co as member")).to_be_visible()
+            page.get_by_role("button", name="Accept and join").click()
+            expect(page.locator(".messages")).to_contain_text("You are a member of Partner Co")
+            form = page.locator("#org-key-create")
+            form.locator("input[name=name]").fill("member-key")
+            form.get_by_role("button", name="Create key").click()
+            key = page.locator("#new-key").inner_text().strip()
+            assert KEY_RE.match(key), key
+            wait_for_key(stack, key)
+            for i in range(4):
+                resp = requests.get(
+                    stack.gateway_url + f"/demo/anything?n={i}",
+                    headers={"X-API-Key": key},
+                    timeout=10,
+                )
+                assert resp.status_code == 200, resp.text
+            page.goto(live_server.url + "/orgs/partner-co/?range=60m")
+            page.wait_for_function(
+                "Number(document.getElementById('usage-total').textContent) >= 4",
+                timeout=30_000,
+                polling=250,
+            )
+            page.reload()
+            row = page.locator("table.by-member tbody tr", has_text="member@partner.test")
+            expect(row).to_have_count(1)
+            assert int(row.locator("td").nth(1).inner_text()) >= 4
+            _shot(page, "org-usage")
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
