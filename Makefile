@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://apigw:apigw@127.0.0.1:5432/apigw
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test bench install install-dev assets lint format
+.PHONY: chromium run test bench install install-dev assets lint format
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,7 +67,19 @@ format: install-dev
 # The suite runs twice: on the embedded defaults, then on PostgreSQL + Redis. Outside CI the
 # second pass is skipped (with a message) when those servers are unreachable; with CI=true an
 # unreachable server fails the run.
-test: install-dev lint
+# Browser tests drive Debian's Chromium (never a downloaded browser): installed here when
+# missing and we are root; otherwise the command is printed and those tests are skipped
+# (outside CI; under CI=true a missing browser fails them).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "Chromium is missing; the browser tests need: sudo apt-get install -y chromium chromium-driver"; \
+	  fi; }
+
+test: install-dev lint chromium
 	$(PY) manage.py collectstatic --noinput -v0
 	@echo "=== pass 1/2: embedded defaults (SQLite, in-process counters, filesystem broker)"
 	env -u DATABASE_URL -u REDIS_URL -u CELERY_BROKER_URL VAR_DIR=$(CURDIR)/var/test-embedded \

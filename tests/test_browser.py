@@ -361,3 +361,101 @@ def test_partner_invites_a_member_whose_calls_show_on_the_organization_chart(
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
+
+
+# Pages a visitor and a signed-in developer reach; each is shot at desktop and phone width.
+TOUR_PUBLIC = [
+    "/",
+    "/apis/",
+    "/apis/demo/",
+    "/apis/demo/docs/",
+    "/plans/",
+    "/accounts/login/",
+    "/accounts/signup/",
+    "/accounts/password/reset/",
+]
+TOUR_SIGNED_IN = [
+    "/dashboard/",
+    "/usage/",
+    "/keys/{key}/usage/",
+    "/orgs/",
+    "/orgs/tour-co/",
+    "/orgs/join/not-a-real-token/",
+    "/accounts/email/",
+    "/accounts/password/change/",
+    "/accounts/2fa/",
+]
+A11Y_CHECK = """() => {
+    const problems = [];
+    for (const el of document.querySelectorAll("input, select, textarea")) {
+        if (["hidden", "submit", "button"].includes(el.type) || el.disabled) continue;
+        if (el.closest("#swagger-ui")) continue;  // Swagger UI's own widgets
+        const named = el.labels.length || el.getAttribute("aria-label")
+            || el.getAttribute("aria-labelledby") || el.getAttribute("title");
+        if (!named) problems.push(`unlabelled ${el.tagName} ${el.name || el.id}`);
+    }
+    for (const img of document.querySelectorAll("img:not([alt])")) {
+        problems.push(`img without alt ${img.src.slice(0, 60)}`);
+    }
+    const wide = document.documentElement.scrollWidth - window.innerWidth;
+    if (wide > 1) problems.push(`page ${wide}px wider than the window`);
+    if (!document.querySelector("h1")) problems.push("no h1");
+    return problems;
+}"""
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and os.environ.get("CI") != "true", reason="chromium is not installed"
+)
+def test_every_page_at_desktop_and_phone_width(live_server, catalog):
+    """Every portal page: shot at 1280 and 390 px wide, no console error, no page wider than
+    the window, every form field labelled, images with alt text."""
+    from playwright.sync_api import sync_playwright
+
+    from gateway.management.commands.seeddemo import DEMO_OPENAPI
+    from portal.orgs import org_create
+    from tests.conftest import PASSWORD, active_key, make_user
+
+    catalog.api.openapi = DEMO_OPENAPI
+    catalog.api.save()
+    user = make_user("tour@example.com")
+    key = active_key(user, catalog.free).api_key
+    org_create(user, name="Tour Co")
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for width, height, tag in ((1280, 900, "desktop"), (390, 844, "phone")):
+                context = browser.new_context(viewport={"width": width, "height": height})
+                context.set_default_timeout(10_000)
+                page = context.new_page()
+                page.on(
+                    "console",
+                    lambda m, tag=tag: (
+                        problems.append(f"{tag} console: {m.text}") if m.type == "error" else None
+                    ),
+                )
+                signed_in = False
+                for path in TOUR_PUBLIC + TOUR_SIGNED_IN:
+                    if path in TOUR_SIGNED_IN and not signed_in:
+                        page.goto(live_server.url + "/accounts/login/")
+                        page.fill("input[name=login]", "tour@example.com")
+                        page.fill("input[name=password]", PASSWORD)
+                        page.get_by_role("button", name="Sign In").click()
+                        page.wait_for_url(re.compile(r"/dashboard/$"))
+                        signed_in = True
+                    url = path.format(key=key.pk)
+                    resp = page.goto(live_server.url + url)
+                    if resp.status >= 400:
+                        problems.append(f"{tag} {url}: HTTP {resp.status}")
+                    page.wait_for_load_state("networkidle")
+                    if "/docs/" in url:
+                        page.locator(".swagger-ui .info").wait_for()
+                    for problem in page.evaluate(A11Y_CHECK):
+                        problems.append(f"{tag} {url}: {problem}")
+                    name = url.strip("/").replace("/", "_") or "home"
+                    _shot(page, f"tour-{tag}-{name}")
+                context.close()
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
