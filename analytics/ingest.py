@@ -20,7 +20,14 @@ from pathlib import Path
 from django.conf import settings
 from django.db import DataError, IntegrityError, connection, transaction
 
-from analytics.models import HISTOGRAM_FIELDS, LATENCY_BUCKETS_MS, RequestEvent, Rollup
+from analytics.models import (
+    HISTOGRAM_FIELDS,
+    KEY_API_SHIFT,
+    LATENCY_BUCKETS_MS,
+    RequestEvent,
+    Rollup,
+    key_api_id,
+)
 from gateway.dataplane.logship import decode_batch
 from portal.models import ApiKey
 
@@ -286,7 +293,10 @@ def _pg_rollup_ctes(source: str) -> str:
         ('api', COALESCE(n.api_id, 0)),
         ('route', n.route_id),
         ('key', n.key_id),
-        ('org', n.organization_id)
+        ('org', n.organization_id),
+        ('kapi', CASE WHEN n.key_id IS NOT NULL AND n.api_id > 0
+                       AND n.api_id < {1 << KEY_API_SHIFT}
+                      THEN n.key_id * {1 << KEY_API_SHIFT} + n.api_id END)
     ) AS d (dimension, dim_id)
     WHERE d.dim_id IS NOT NULL
 ), minutes AS (
@@ -372,6 +382,9 @@ def aggregate(events: list[Event]) -> dict[tuple, list]:
             dims.append(("key", e.key_id))
         if e.organization_id:
             dims.append(("org", e.organization_id))
+        key_api = key_api_id(e.key_id, e.api_id) if e.key_id else None
+        if key_api is not None:
+            dims.append(("kapi", key_api))
         h = bisect_left(LATENCY_BUCKETS_MS, e.latency_ms)
         error = 1 if e.error_kind else 0
         for gran, bucket in (("m", minute), ("h", hour), ("d", day)):

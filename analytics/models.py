@@ -35,6 +35,16 @@ LATENCY_BUCKETS_MS = (
 HISTOGRAM_FIELDS = tuple(f"h{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1))
 
 
+KEY_API_SHIFT = 20  # API ids below 2**20 get key × API rows; key ids up to 2**43
+
+
+def key_api_id(key_id: int, api_id: int) -> int | None:
+    """The dim_id of a key's calls to one API (None: an API id too large to encode)."""
+    if not key_id or not api_id or api_id >= 1 << KEY_API_SHIFT:
+        return None
+    return (key_id << KEY_API_SHIFT) | api_id
+
+
 class Rollup(models.Model):
     """Requests per time bucket for one dimension value and status class.
 
@@ -54,6 +64,7 @@ class Rollup(models.Model):
         ROUTE = "route", "API route"
         KEY = "key", "API key"
         ORG = "org", "organization"
+        KEY_API = "kapi", "API key × API"  # dim_id = key_api_id(key, api)
 
     granularity = models.CharField(max_length=1, choices=Granularity.choices)
     bucket = models.DateTimeField()

@@ -289,3 +289,26 @@ def totals_by(dimension: str, dim_ids: list[int], *, granularity: str, since: da
         .annotate(n=Sum("count"))
     )
     return {r["dim_id"]: r["n"] for r in rows}
+
+
+def key_api_dim_ids(key_ids: list[int], api_ids: list[int]) -> list[int]:
+    """The "kapi" dim_ids of these keys' calls to these APIs."""
+    from analytics.models import key_api_id
+
+    out = (key_api_id(k, a) for k in key_ids for a in api_ids)
+    return [d for d in out if d is not None]
+
+
+def totals_by_api(key_ids: list[int], api_ids: list[int], *, granularity: str, since) -> dict:
+    """Requests per API of these keys since `since` (from the key × API rollups)."""
+    rows = (
+        Rollup.objects.filter(
+            granularity=granularity,
+            dimension="kapi",
+            dim_id__in=key_api_dim_ids(key_ids, api_ids),
+            bucket__gte=since,
+        )
+        .values("api_id")
+        .annotate(n=Sum("count"))
+    )
+    return {r["api_id"]: r["n"] for r in rows}

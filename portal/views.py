@@ -20,7 +20,9 @@ from analytics.selectors import (
     SERIES_RANGES,
     bucket_start,
     export_rows,
+    key_api_dim_ids,
     totals_by,
+    totals_by_api,
     usage_series,
 )
 from gateway.models import Api
@@ -290,10 +292,12 @@ def _range(request: HttpRequest) -> str:
     return chosen if chosen in SERIES_RANGES else ""
 
 
-def _series(request: HttpRequest, default: str, **selector) -> tuple[str, dict]:
+def _series(
+    request: HttpRequest, default: str, *, dimension: str = "key", **selector
+) -> tuple[str, dict]:
     name = _range(request) or default
     granularity, points = SERIES_RANGES[name]
-    return name, usage_series("key", None, granularity=granularity, points=points, **selector)
+    return name, usage_series(dimension, None, granularity=granularity, points=points, **selector)
 
 
 def _csv_window(name: str) -> tuple[str, datetime, datetime]:
@@ -309,12 +313,20 @@ def _csv_window(name: str) -> tuple[str, datetime, datetime]:
 def key_usage(request: HttpRequest, pk: int) -> HttpResponse:
     api_key = _own_key(request, pk)
     name, usage = _series(request, "60m", dim_ids=[api_key.pk])
+    granularity, since = _since(name)
+    apis = list(api_key.subscription.plan.apis.order_by("name"))
+    per_api = totals_by_api(
+        [api_key.pk], [a.pk for a in apis], granularity=granularity, since=since
+    )
+    for a in apis:
+        a.requests = per_api.get(a.pk, 0)
     return render(
         request,
         "portal/key_usage.html",
         {
             "key": api_key,
             "usage": usage,
+            "apis": apis,
             "range": name,
             "range_label": RANGE_LABELS[name],
             "ranges": RANGE_LABELS,
@@ -351,19 +363,50 @@ def _own_key_ids(request: HttpRequest) -> list[int]:
     return list(ApiKey.objects.filter(subscription__consumer=consumer).values_list("pk", flat=True))
 
 
+def _consumer_apis(consumer) -> list[Api]:
+    return list(
+        Api.objects.filter(plans__subscriptions__consumer=consumer).distinct().order_by("name")
+    )
+
+
+def _chosen_api(request: HttpRequest, apis: list[Api]) -> Api | None:
+    slug = request.GET.get("api", "")
+    chosen = next((a for a in apis if a.slug == slug), None)
+    if slug and chosen is None:
+        raise Http404("Not one of your APIs.")
+    return chosen
+
+
+def _usage_selector(key_ids: list[int], api: Api | None) -> dict:
+    """All calls of these keys, or (key × API rollups) only their calls to `api`."""
+    if api is None:
+        return {"dimension": "key", "dim_ids": key_ids}
+    return {"dimension": "kapi", "dim_ids": key_api_dim_ids(key_ids, [api.pk])}
+
+
+def _since(name: str):
+    granularity, points = SERIES_RANGES[name]
+    step = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+    return granularity, bucket_start(timezone.now(), granularity) - step[granularity] * (points - 1)
+
+
 @login_required
 def usage(request: HttpRequest) -> HttpResponse:
-    """All of the user's keys together over a range, each key's share, and every quota."""
+    """All of the user's keys together (or their calls to one API) over a range, each key's
+    and each API's share, and every quota."""
     consumer = consumer_for_user(request.user)
     keys = list(consumer_keys(consumer))
     key_ids = [k.pk for k in keys]
-    name, data = _series(request, "24h", dim_ids=key_ids)
-    granularity, points = SERIES_RANGES[name]
-    step = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
-    since = bucket_start(timezone.now(), granularity) - step[granularity] * (points - 1)
+    apis = _consumer_apis(consumer)
+    api = _chosen_api(request, apis)
+    name, data = _series(request, "24h", **_usage_selector(key_ids, api))
+    granularity, since = _since(name)
     per_key = totals_by("key", key_ids, granularity=granularity, since=since)
     for k in keys:
         k.requests = per_key.get(k.pk, 0)
+    per_api = totals_by_api(key_ids, [a.pk for a in apis], granularity=granularity, since=since)
+    for a in apis:
+        a.requests = per_api.get(a.pk, 0)
     quotas = []
     for sub in consumer_subscriptions(consumer):
         if sub.is_active():
@@ -379,14 +422,19 @@ def usage(request: HttpRequest) -> HttpResponse:
             "range_label": RANGE_LABELS[name],
             "ranges": RANGE_LABELS,
             "keys": sorted(keys, key=lambda k: -k.requests),
+            "api": api,
+            "apis": apis,
             "quotas": quotas,
+            "query": f"range={name}" + (f"&api={api.slug}" if api else ""),
         },
     )
 
 
 @login_required
 def usage_data(request: HttpRequest) -> JsonResponse:
-    _, data = _series(request, "24h", dim_ids=_own_key_ids(request))
+    consumer = consumer_for_user(request.user)
+    api = _chosen_api(request, _consumer_apis(consumer))
+    _, data = _series(request, "24h", **_usage_selector(_own_key_ids(request), api))
     data["quota"] = None
     return JsonResponse(data)
 
@@ -395,12 +443,13 @@ def usage_data(request: HttpRequest) -> JsonResponse:
 @ratelimit(key="user", rate="60/h", block=True)
 def usage_csv(request: HttpRequest) -> HttpResponse:
     """Every key of the user over a range (default: hourly, 30 days), as a streamed CSV."""
+    consumer = consumer_for_user(request.user)
+    api = _chosen_api(request, _consumer_apis(consumer))
     granularity, since, until = _csv_window(_range(request) or "30d")
     rows = export_rows(
         granularity=granularity,
-        dimension="key",
-        dim_ids=_own_key_ids(request),
         since=since,
         until=until,
+        **_usage_selector(_own_key_ids(request), api),
     )
-    return csv_response(rows, filename="usage.csv")
+    return csv_response(rows, filename=f"usage-{api.slug if api else 'all'}.csv")
