@@ -348,6 +348,7 @@ def key_usage_data(request: HttpRequest, pk: int) -> JsonResponse:
 
 @login_required
 @ratelimit(key="user", rate="60/h", block=True)
+@ratelimit(key="ip", rate="120/h", block=True)
 def key_usage_csv(request: HttpRequest, pk: int) -> HttpResponse:
     """One of the user's keys over a range (default: hourly, 30 days), as a streamed CSV."""
     api_key = _own_key(request, pk)
@@ -441,6 +442,7 @@ def usage_data(request: HttpRequest) -> JsonResponse:
 
 @login_required
 @ratelimit(key="user", rate="60/h", block=True)
+@ratelimit(key="ip", rate="120/h", block=True)
 def usage_csv(request: HttpRequest) -> HttpResponse:
     """Every key of the user over a range (default: hourly, 30 days), as a streamed CSV."""
     consumer = consumer_for_user(request.user)

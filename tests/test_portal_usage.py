@@ -153,3 +153,11 @@ def test_key_by_api_rollups_match_between_ingest_and_rebuild():
     ingest_batch([_event(3, 7) for _ in range(2)])
     rows = Rollup.objects.filter(dimension="kapi", granularity="m")
     assert [(r.dim_id, r.api_id, r.count) for r in rows] == [((3 << 20) | 7, 7, 2)]
+
+
+def test_exports_are_throttled_with_a_page_that_says_when_to_retry(client, traffic):
+    for _ in range(60):
+        assert client.get("/usage.csv").status_code == 200
+    resp = client.get("/usage.csv")
+    assert resp.status_code == 429 and resp["Retry-After"] == "60"
+    assert "try again in 60 seconds" in resp.content.decode()
