@@ -310,6 +310,7 @@ def _pg_rollup_ctes(source: str) -> str:
     SELECT 'm' AS granularity, minute AS bucket, dimension, dim_id, api_id, status_class,
            {", ".join(_ADDITIVE)}
     FROM minutes
+    WHERE dimension <> 'kapi'  -- key x API: hour and day rows only (ingest cost)
     UNION ALL
     SELECT g.granularity, date_trunc(g.unit, minute, 'UTC'), dimension, dim_id, min(api_id),
            status_class, {sums}
@@ -389,6 +390,8 @@ def aggregate(events: list[Event]) -> dict[tuple, list]:
         error = 1 if e.error_kind else 0
         for gran, bucket in (("m", minute), ("h", hour), ("d", day)):
             for dim, dim_id in dims:
+                if gran == "m" and dim == "kapi":
+                    continue  # key x API: hour and day rows only (ingest cost)
                 k = (gran, dim, dim_id, bucket, cls)
                 row = acc.get(k)
                 if row is None:

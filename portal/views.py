@@ -313,7 +313,7 @@ def _csv_window(name: str) -> tuple[str, datetime, datetime]:
 def key_usage(request: HttpRequest, pk: int) -> HttpResponse:
     api_key = _own_key(request, pk)
     name, usage = _series(request, "60m", dim_ids=[api_key.pk])
-    granularity, since = _since(name)
+    granularity, since = _api_since(name)
     apis = list(api_key.subscription.plan.apis.order_by("name"))
     per_api = totals_by_api(
         [api_key.pk], [a.pk for a in apis], granularity=granularity, since=since
@@ -378,6 +378,20 @@ def _chosen_api(request: HttpRequest, apis: list[Api]) -> Api | None:
     return chosen
 
 
+def _api_series(request: HttpRequest, api, key_ids: list[int]) -> dict:
+    name = _api_range(request, api)
+    granularity, points = SERIES_RANGES[name]
+    return usage_series(
+        "key" if api is None else "kapi",
+        None,
+        granularity=granularity,
+        points=points,
+        **(
+            {"dim_ids": key_ids} if api is None else {"dim_ids": key_api_dim_ids(key_ids, [api.pk])}
+        ),
+    )
+
+
 def _usage_selector(key_ids: list[int], api: Api | None) -> dict:
     """All calls of these keys, or (key × API rollups) only their calls to `api`."""
     if api is None:
@@ -391,6 +405,19 @@ def _since(name: str):
     return granularity, bucket_start(timezone.now(), granularity) - step[granularity] * (points - 1)
 
 
+def _api_since(name: str):
+    """Key x API rollups have hour and day rows only: the last hour reads two hour rows."""
+    if name == "60m":
+        return "h", bucket_start(timezone.now(), "h") - timedelta(hours=1)
+    return _since(name)
+
+
+def _api_range(request: HttpRequest, api) -> str:
+    """The range of a per-API chart: 60 minutes needs minute rows, which key x API lacks."""
+    name = _range(request) or "24h"
+    return "24h" if api is not None and name == "60m" else name
+
+
 @login_required
 def usage(request: HttpRequest) -> HttpResponse:
     """All of the user's keys together (or their calls to one API) over a range, each key's
@@ -400,11 +427,13 @@ def usage(request: HttpRequest) -> HttpResponse:
     key_ids = [k.pk for k in keys]
     apis = _consumer_apis(consumer)
     api = _chosen_api(request, apis)
-    name, data = _series(request, "24h", **_usage_selector(key_ids, api))
+    name = _api_range(request, api)
+    data = _api_series(request, api, key_ids)
     granularity, since = _since(name)
     per_key = totals_by("key", key_ids, granularity=granularity, since=since)
     for k in keys:
         k.requests = per_key.get(k.pk, 0)
+    granularity, since = _api_since(name)
     per_api = totals_by_api(key_ids, [a.pk for a in apis], granularity=granularity, since=since)
     for a in apis:
         a.requests = per_api.get(a.pk, 0)
@@ -435,7 +464,7 @@ def usage(request: HttpRequest) -> HttpResponse:
 def usage_data(request: HttpRequest) -> JsonResponse:
     consumer = consumer_for_user(request.user)
     api = _chosen_api(request, _consumer_apis(consumer))
-    _, data = _series(request, "24h", **_usage_selector(_own_key_ids(request), api))
+    data = _api_series(request, api, _own_key_ids(request))
     data["quota"] = None
     return JsonResponse(data)
 
@@ -448,6 +477,8 @@ def usage_csv(request: HttpRequest) -> HttpResponse:
     consumer = consumer_for_user(request.user)
     api = _chosen_api(request, _consumer_apis(consumer))
     granularity, since, until = _csv_window(_range(request) or "30d")
+    if api is not None and granularity == "m":  # key x API has hour rows, not minute rows
+        granularity = "h"
     rows = export_rows(
         granularity=granularity,
         since=since,
