@@ -116,6 +116,12 @@ def org(request: HttpRequest, slug: str) -> HttpResponse:
             "plans": Plan.objects.filter(is_public=True).order_by("name") if owner else [],
             "keys": sorted(keys, key=lambda k: -k.requests),
             "by_member": sorted(by_member.items(), key=lambda kv: -kv[1]),
+            "member_chart": _chart(sorted(by_member.items(), key=lambda kv: -kv[1])),
+            "key_chart": _chart(
+                sorted(
+                    ((f"{k.name} ({k.prefix}…)", k.requests) for k in keys), key=lambda kv: -kv[1]
+                )
+            ),
             "form": KeyCreateForm(subscriptions=active.select_related("plan")),
             "has_active": active.exists(),
             "usage": usage,
@@ -126,6 +132,10 @@ def org(request: HttpRequest, slug: str) -> HttpResponse:
             "roles": Membership.Role.choices,
         },
     )
+
+
+def _chart(pairs) -> dict:
+    return {"labels": [p[0] for p in pairs], "values": [p[1] for p in pairs]}
 
 
 @login_required

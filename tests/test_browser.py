@@ -357,6 +357,14 @@ def test_partner_invites_a_member_whose_calls_show_on_the_organization_chart(
             row = page.locator("table.by-member tbody tr", has_text="member@partner.test")
             expect(row).to_have_count(1)
             assert int(row.locator("td").nth(1).inner_text()) >= 4
+            members = page.evaluate(
+                """() => {
+                    const c = (window.breakdownCharts || {})["member-chart"];
+                    return c ? {labels: c.data.labels, values: c.data.datasets[0].data} : null;
+                }"""
+            )
+            assert members and members["labels"] == ["member@partner.test"], members
+            assert members["values"][0] >= 4, members
             _shot(page, "org-usage")
         finally:
             browser.close()
