@@ -96,6 +96,8 @@ test: install-dev lint chromium
 
 bench: install-dev
 	$(PY) bench/run.py
+	@echo "=== server x upstream client, a minimal proxy on each (bench/stacks.py)"
+	@$(PY) bench/stacks.py
 	@echo "=== snapshot and router at scale (bench/snapshot.py)"
 	@env -u DATABASE_URL -u REDIS_URL $(PY) bench/snapshot.py
 	@echo "=== 1 GiB streamed each way (bench/stream.py)"

@@ -59,6 +59,10 @@ def dimension_values() -> list[tuple[str, int, int, int, float]]:
     for i, p in enumerate(zipf(KEYS)):
         for c, pc in CLASSES.items():
             out.append(("key", i + 1, i % APIS + 1, c, per_minute * p * pc))
+    for i, p in enumerate(zipf(KEYS)):  # key x API, hour and day rows only (as ingest)
+        api = i % APIS + 1
+        for c, pc in CLASSES.items():
+            out.append(("kapi", (i + 1) << 20 | api, api, c, per_minute * p * pc))
     for i, p in enumerate(zipf(ORGS)):
         for c, pc in CLASSES.items():
             out.append(("org", i + 1, i % APIS + 1, c, per_minute * ORG_SHARE * p * pc))
@@ -68,7 +72,11 @@ def dimension_values() -> list[tuple[str, int, int, int, float]]:
 def expected_rows(dims, granularity: str) -> float:
     """Rows per bucket: sum over (value, class) of P(at least one event in the bucket)."""
     minutes = SECONDS[granularity] / 60
-    return sum(1 - math.exp(-rate * minutes) for *_, rate in dims)
+    return sum(
+        1 - math.exp(-rate * minutes)
+        for dim, *_, rate in dims
+        if not (dim == "kapi" and granularity == "m")
+    )
 
 
 def generate(cur, dims, *, now: datetime, spans: dict[str, int]) -> dict[str, int]:
@@ -105,8 +113,9 @@ def generate(cur, dims, *, now: datetime, spans: dict[str, int]) -> dict[str, in
             CROSS JOIN LATERAL (SELECT greatest(1, round(d.per_minute * %s
                                 * (0.8 + 0.4 * random())))::bigint AS n) AS c
             WHERE random() < 1 - exp(-least(d.per_minute * %s, 700))
+              AND (d.dimension <> 'kapi' OR %s <> 'm')
             """,  # noqa: S608 - our own table and column names
-            [gran, start, end, f"{step} seconds", minutes, minutes],
+            [gran, start, end, f"{step} seconds", minutes, minutes, gran],
         )
         counts[gran] = cur.rowcount
     cur.execute(f"ALTER TABLE {table} RESET (autovacuum_enabled)")
@@ -189,13 +198,14 @@ def main() -> None:
         top,
         top_consumers,
         top_window,
+        totals_by_api,
         usage_series,
     )
     from portal.models import Plan, User
 
     dims = dimension_values()
     spans = {"d": 90, "h": args.hour_days * 24, "m": args.minute_hours * 60}
-    params = {"spans": spans, "dims": len(dims), "events_per_day": EVENTS_PER_DAY, "v": 1}
+    params = {"spans": spans, "dims": len(dims), "events_per_day": EVENTS_PER_DAY, "v": 2}
     with connection.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS bench_dashboard_meta (params text, now text)")
         cur.execute("SELECT params, now FROM bench_dashboard_meta")
@@ -254,6 +264,10 @@ def main() -> None:
     queries["portal: quiet key, last 60 min"] = lambda: key_usage_series(quiet_key, now=now)
     queries["portal: busiest key, 30 days"] = lambda: usage_series(
         "key", busiest_key, granularity="d", points=30, now=now
+    )
+    all_apis = list(range(1, APIS + 1))
+    queries["portal: busiest key by API, 30 days"] = lambda: totals_by_api(
+        [busiest_key], all_apis, granularity="d", since=now - timedelta(days=30)
     )
     queries["portal: key CSV, 7 days of hours"] = lambda: list(
         export_rows(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from django.conf import settings
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -16,7 +17,7 @@ app.conf.beat_schedule = {
     # Short interval: the portal's charts should show a request within a few seconds.
     "ingest-gateway-events": {
         "task": "analytics.tasks.ingest_events",
-        "schedule": 2.0,
+        "schedule": settings.ANALYTICS["INGEST_INTERVAL_SECONDS"],
         # A stopped worker must not come back to a pile of stale ticks.
         "options": {"expires": 10},
     },

@@ -3,7 +3,7 @@ else, so that URL guessing learns nothing); owners-only actions say so."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import functools
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -16,7 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from django_ratelimit.decorators import ratelimit
 
-from analytics.selectors import SERIES_RANGES, bucket_start, totals_by, usage_series
+from analytics.selectors import SERIES_RANGES, STEP, bucket_start, totals_by, usage_series
 from portal.forms import KeyCreateForm
 from portal.keys import key_issue, key_revoke
 from portal.models import ApiKey, Invitation, Membership, Organization, Plan, Subscription
@@ -34,8 +34,6 @@ from portal.selectors import quota_usage
 from portal.subscriptions import SubscriptionError, subscription_cancel, subscription_create
 from portal.views import RANGE_LABELS, _range, _show_new_key
 
-STEP = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
-
 
 def _member_org(request: HttpRequest, slug: str) -> tuple[Organization, Membership]:
     org = get_object_or_404(Organization, slug=slug)
@@ -45,12 +43,19 @@ def _member_org(request: HttpRequest, slug: str) -> tuple[Organization, Membersh
     return org, mine
 
 
-def _owner_org(request: HttpRequest, slug: str) -> Organization | None:
-    org, mine = _member_org(request, slug)
-    if mine.role != Membership.Role.OWNER:
-        messages.error(request, "Only owners of the organization can do that.")
-        return None
-    return org
+def _owners_only(view):
+    """An action for owners: the view gets the organization instead of its slug. Other
+    members go back to its page with a message; non-members get 404 (`_member_org`)."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, slug: str, *args, **kwargs) -> HttpResponse:
+        org, mine = _member_org(request, slug)
+        if mine.role != Membership.Role.OWNER:
+            messages.error(request, "Only owners of the organization can do that.")
+            return redirect("portal:org", slug=slug)
+        return view(request, org, *args, **kwargs)
+
+    return wrapped
 
 
 @login_required
@@ -152,10 +157,8 @@ def org_usage_data(request: HttpRequest, slug: str) -> JsonResponse:
 @require_POST
 @ratelimit(key="user", rate="20/h", method="POST", block=True)
 @ratelimit(key="ip", rate="60/h", method="POST", block=True)
-def org_invite_view(request: HttpRequest, slug: str) -> HttpResponse:
-    org = _owner_org(request, slug)
-    if org is None:
-        return redirect("portal:org", slug=slug)
+@_owners_only
+def org_invite_view(request: HttpRequest, org: Organization) -> HttpResponse:
     email = request.POST.get("email", "").strip()
     try:
         validate_email(email)
@@ -166,7 +169,7 @@ def org_invite_view(request: HttpRequest, slug: str) -> HttpResponse:
         messages.error(request, str(exc))
     else:
         messages.success(request, f"An invitation is on its way to {email.lower()}.")
-    return redirect("portal:org", slug=slug)
+    return redirect("portal:org", slug=org.slug)
 
 
 @login_required
@@ -188,25 +191,21 @@ def org_member_remove(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
 
 @login_required
 @require_POST
-def org_subscribe(request: HttpRequest, slug: str) -> HttpResponse:
-    org = _owner_org(request, slug)
-    if org is None:
-        return redirect("portal:org", slug=slug)
+@_owners_only
+def org_subscribe(request: HttpRequest, org: Organization) -> HttpResponse:
     plan = get_object_or_404(Plan, slug=request.POST.get("plan", ""), is_public=True)
     sub = subscription_create(org_consumer(org), plan=plan, actor=request.user)
     if sub.status == Subscription.Status.PENDING:
         messages.info(request, f"{org.name}'s subscription to {plan.name} waits for approval.")
     else:
         messages.success(request, f"{org.name} is subscribed to {plan.name}.")
-    return redirect("portal:org", slug=slug)
+    return redirect("portal:org", slug=org.slug)
 
 
 @login_required
 @require_POST
-def org_unsubscribe(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
-    org = _owner_org(request, slug)
-    if org is None:
-        return redirect("portal:org", slug=slug)
+@_owners_only
+def org_unsubscribe(request: HttpRequest, org: Organization, pk: int) -> HttpResponse:
     sub = get_object_or_404(Subscription, pk=pk, consumer__organization=org)
     try:
         subscription_cancel(sub, actor=request.user)
@@ -214,7 +213,7 @@ def org_unsubscribe(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
         messages.error(request, str(exc))
     else:
         messages.success(request, f"{org.name} is unsubscribed from {sub.plan.name}.")
-    return redirect("portal:org", slug=slug)
+    return redirect("portal:org", slug=org.slug)
 
 
 @login_required

@@ -18,6 +18,7 @@ from django_ratelimit.decorators import ratelimit
 from analytics.exports import csv_response
 from analytics.selectors import (
     SERIES_RANGES,
+    STEP,
     bucket_start,
     export_rows,
     key_api_dim_ids,
@@ -304,8 +305,7 @@ def _csv_window(name: str) -> tuple[str, datetime, datetime]:
     """What a range's CSV holds: minute rows for the last hour, hour rows otherwise."""
     until = timezone.now()
     granularity, points = SERIES_RANGES[name]
-    step = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
-    since = until - step[granularity] * points
+    since = until - STEP[granularity] * points
     return ("m" if granularity == "m" else "h"), since, until
 
 
@@ -379,16 +379,10 @@ def _chosen_api(request: HttpRequest, apis: list[Api]) -> Api | None:
 
 
 def _api_series(request: HttpRequest, api, key_ids: list[int]) -> dict:
-    name = _api_range(request, api)
-    granularity, points = SERIES_RANGES[name]
+    granularity, points = SERIES_RANGES[_api_range(request, api)]
+    selector = _usage_selector(key_ids, api)
     return usage_series(
-        "key" if api is None else "kapi",
-        None,
-        granularity=granularity,
-        points=points,
-        **(
-            {"dim_ids": key_ids} if api is None else {"dim_ids": key_api_dim_ids(key_ids, [api.pk])}
-        ),
+        selector.pop("dimension"), None, granularity=granularity, points=points, **selector
     )
 
 
@@ -401,8 +395,7 @@ def _usage_selector(key_ids: list[int], api: Api | None) -> dict:
 
 def _since(name: str):
     granularity, points = SERIES_RANGES[name]
-    step = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
-    return granularity, bucket_start(timezone.now(), granularity) - step[granularity] * (points - 1)
+    return granularity, bucket_start(timezone.now(), granularity) - STEP[granularity] * (points - 1)
 
 
 def _api_since(name: str):

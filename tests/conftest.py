@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,37 @@ def developer(db):
 def stranger(db):
     """Another developer, who must never see the first one's keys."""
     return make_user("stranger@example.com")
+
+
+def log_event(
+    key: int | None,
+    api: int = 1,
+    status: int = 200,
+    *,
+    ms: float = 3.0,
+    ago: float = 0.0,
+    org: int | None = None,
+) -> dict:
+    """A gateway log event (DESIGN.md's schema) for `ingest_batch`: one call `ago` s ago."""
+    import uuid
+
+    return {
+        "id": uuid.uuid4().hex,
+        "t": time.time() - ago,
+        "api": api,
+        "route": None,
+        "route_path": "/",
+        "consumer": None,
+        "key": key,
+        "org": org,
+        "method": "GET",
+        "status": status,
+        "ms": ms,
+        "up_ms": None,
+        "in": 0,
+        "out": 10,
+        "err": "",
+    }
 
 
 @dataclass
@@ -209,6 +241,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         GATEWAY_OPS_BIND=f"127.0.0.1:{ops_port}",
         GATEWAY_WORKERS="2" if settings.REDIS_URL else "1",
         GATEWAY_LOG_FLUSH_INTERVAL="0.2",
+        ANALYTICS_INGEST_INTERVAL_SECONDS="0.5",  # tests drain the pipeline after each test
         GATEWAY_HEADER_TIMEOUT="2",  # short, so that the slowloris test is quick
         PORTAL_URL=LIVE_PORTAL_URL,
     )
@@ -263,8 +296,13 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
             f"http://127.0.0.1:{gateway_port}", gateway_port, upstream_port, procs, env, ops_port
         )
     finally:
+        # All asked to stop at once. Celery on the filesystem broker takes about 5 s to
+        # leave after SIGTERM (it is idle by now: every `live` test drained the pipeline),
+        # so it gets 1 s before SIGKILL; the others get their graceful stop.
+        for proc in procs.values():
+            proc.signal(signal.SIGTERM)
         for proc in reversed(procs.values()):
-            proc.stop()
+            proc.stop(timeout=1 if proc.name == "worker" else 10)
         ARTIFACTS.mkdir(exist_ok=True)
         for proc in procs.values():
             shutil.copy(proc.log_path, ARTIFACTS / f"stack-{proc.name}.log")

@@ -4,36 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-import time
-import uuid
 
 import pytest
 from django.urls import reverse
 
 from analytics.ingest import ingest_batch
-from tests.conftest import active_key
+from tests.conftest import active_key, log_event
 
 pytestmark = pytest.mark.django_db
-
-
-def _event(key: int | None, api: int, status: int = 200, ms: float = 3.0) -> dict:
-    return {
-        "id": uuid.uuid4().hex,
-        "t": time.time(),
-        "api": api,
-        "route": None,
-        "route_path": "/",
-        "consumer": None,
-        "key": key,
-        "org": None,
-        "method": "GET",
-        "status": status,
-        "ms": ms,
-        "up_ms": None,
-        "in": 0,
-        "out": 10,
-        "err": "",
-    }
 
 
 def _csv(response) -> list[list[str]]:
@@ -44,7 +22,8 @@ def _csv(response) -> list[list[str]]:
 def test_dashboard_shows_totals_top_apis_and_keys(admin_client, developer, catalog):
     issued = active_key(developer, catalog.free)
     api = catalog.api.pk
-    ingest_batch([_event(issued.api_key.pk, api) for _ in range(8)] + [_event(None, api, 502)])
+    calls = [log_event(issued.api_key.pk, api) for _ in range(8)]
+    ingest_batch([*calls, log_event(None, api, 502)])
     resp = admin_client.get(reverse("admin:analytics_dashboard"), {"range": "24h"})
     assert resp.status_code == 200
     assert resp.context["total"] == 9
@@ -70,7 +49,7 @@ def test_dashboard_is_for_staff_only(client, developer):
 def test_admin_export_streams_rollups_as_csv(admin_client, catalog):
     from datetime import UTC, datetime, timedelta
 
-    ingest_batch([_event(None, catalog.api.pk) for _ in range(3)])
+    ingest_batch([log_event(None, catalog.api.pk) for _ in range(3)])
     now = datetime.now(UTC)
     resp = admin_client.get(
         reverse("admin:analytics_export"),
@@ -101,7 +80,7 @@ def test_portal_csv_has_only_the_users_own_key(client, developer, stranger, cata
     mine = active_key(developer, catalog.free, name="mine")
     theirs = active_key(stranger, catalog.free, name="theirs")
     ingest_batch(
-        [_event(mine.api_key.pk, catalog.api.pk), _event(theirs.api_key.pk, catalog.api.pk)]
+        [log_event(mine.api_key.pk, catalog.api.pk), log_event(theirs.api_key.pk, catalog.api.pk)]
     )
     client.force_login(developer)
     rows = _csv(client.get(reverse("portal:key_usage_csv", args=[mine.api_key.pk])))

@@ -4,15 +4,13 @@ and nothing of it visible to anybody outside, by URL guessing either."""
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from analytics.ingest import ingest_batch
-from tests.conftest import PASSWORD, make_user
+from tests.conftest import PASSWORD, log_event, make_user
 
 pytestmark = pytest.mark.django_db
 LINK = re.compile(r"https?://\S+/orgs/join/([A-Za-z0-9_-]+)/")
@@ -119,14 +117,6 @@ def test_owners_subscribe_and_invite_members_make_keys(client, acme, catalog, ma
     assert dev_key.revoked_at is not None
 
 
-def _event(key: int, org: int) -> dict:
-    return {
-        "id": uuid.uuid4().hex, "t": time.time(), "api": 1, "route": None, "route_path": "/",
-        "consumer": None, "key": key, "org": org, "method": "GET", "status": 200, "ms": 4.0,
-        "up_ms": None, "in": 0, "out": 10, "err": "",
-    }  # fmt: skip
-
-
 def test_organization_usage_by_member_and_by_key(client, acme, catalog):
     from portal.keys import key_issue
     from portal.models import Subscription, User
@@ -140,9 +130,9 @@ def test_organization_usage_by_member_and_by_key(client, acme, catalog):
     b = key_issue(sub, name="b", actor=dev).api_key
     c = key_issue(sub, name="c", actor=boss).api_key
     ingest_batch(
-        [_event(a.pk, org.pk) for _ in range(3)]
-        + [_event(b.pk, org.pk) for _ in range(2)]
-        + [_event(c.pk, org.pk) for _ in range(4)]
+        [log_event(a.pk, org=org.pk) for _ in range(3)]
+        + [log_event(b.pk, org=org.pk) for _ in range(2)]
+        + [log_event(c.pk, org=org.pk) for _ in range(4)]
     )
     _signin(client, "dev@acme.test")
     page = client.get("/orgs/acme-inc/")

@@ -4,35 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import time
-import uuid
 
 import pytest
 
 from analytics.ingest import ingest_batch
-from tests.conftest import PASSWORD, active_key, make_user
+from tests.conftest import PASSWORD, active_key, log_event, make_user
 
 pytestmark = pytest.mark.django_db
-
-
-def _event(key: int, api: int, status: int = 200, ms: float = 3.0, ago: float = 0.0) -> dict:
-    return {
-        "id": uuid.uuid4().hex,
-        "t": time.time() - ago,
-        "api": api,
-        "route": None,
-        "route_path": "/",
-        "consumer": None,
-        "key": key,
-        "org": None,
-        "method": "GET",
-        "status": status,
-        "ms": ms,
-        "up_ms": None,
-        "in": 0,
-        "out": 10,
-        "err": "",
-    }
 
 
 @pytest.fixture
@@ -47,11 +25,11 @@ def traffic(client, catalog):
     theirs = active_key(make_user("other@example.com"), catalog.free).api_key
     demo = catalog.api.pk
     ingest_batch(
-        [_event(mine.pk, demo) for _ in range(4)]
-        + [_event(mine.pk, demo, status=500)]
-        + [_event(second.pk, demo) for _ in range(2)]
-        + [_event(second.pk, demo, ago=2 * 86400)]
-        + [_event(theirs.pk, demo) for _ in range(7)]
+        [log_event(mine.pk, demo) for _ in range(4)]
+        + [log_event(mine.pk, demo, status=500)]
+        + [log_event(second.pk, demo) for _ in range(2)]
+        + [log_event(second.pk, demo, ago=2 * 86400)]
+        + [log_event(theirs.pk, demo) for _ in range(7)]
     )
     assert client.login(username="dev@example.com", password=PASSWORD)
     return mine, theirs, second
@@ -116,8 +94,8 @@ def test_usage_per_api_comes_from_key_by_api_rollups(client, traffic, catalog):
     )
     catalog.free.apis.add(orders)
     ingest_batch(
-        [_event(mine.pk, orders.pk) for _ in range(3)]
-        + [_event(theirs.pk, orders.pk) for _ in range(5)]  # not ours
+        [log_event(mine.pk, orders.pk) for _ in range(3)]
+        + [log_event(theirs.pk, orders.pk) for _ in range(5)]  # not ours
     )
     page = client.get("/usage/")
     assert page.context["usage"]["total"] == 10
@@ -151,7 +129,7 @@ def test_key_by_api_rollups_match_between_ingest_and_rebuild():
 
     assert key_api_id(3, 7) == (3 << 20) | 7
     assert key_api_id(3, 1 << 20) is None and key_api_id(0, 7) is None
-    ingest_batch([_event(3, 7) for _ in range(2)])
+    ingest_batch([log_event(3, 7) for _ in range(2)])
     rows = Rollup.objects.filter(dimension="kapi", granularity="h")
     assert [(r.dim_id, r.api_id, r.count) for r in rows] == [((3 << 20) | 7, 7, 2)]
     assert not Rollup.objects.filter(dimension="kapi", granularity="m").exists()  # none: cost
