@@ -79,6 +79,13 @@ def test_header_operations_run_remove_rename_set_add_with_context_values():
     assert out == [(b"x-new", b"v"), (b"x-tenant", b"partner-7"), (b"x-path-id", b"7")]
 
 
+def test_a_value_from_the_request_cannot_start_a_header_of_its_own():
+    t = parse_request_transform({"headers": {"set": {"X-Tenant": "${claim.sub}"}}})
+    ctx = _ctx()
+    ctx.claims = {"sub": "a\r\nX-Admin: 1\x00"}
+    assert t.headers.apply([], ctx) == [(b"x-tenant", b"a  X-Admin: 1 ")]
+
+
 def test_query_operations():
     t = parse_request_transform(
         {"query": {"remove": ["debug"], "rename": {"q": "search"}, "add": {"rid": "${request_id}"}}}

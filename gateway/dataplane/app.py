@@ -63,6 +63,7 @@ from gateway.dataplane.stages.transform import RequestTransformStage
 from gateway.dataplane.stages.validate import ValidateStage
 from gateway.dataplane.stages.websocket import WebSocketProxy
 from gateway.dataplane.stages.websocket import deny as websocket_deny
+from gateway.dataplane.upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
 
@@ -114,7 +115,8 @@ class GatewayApp:
         self.snapshot: Snapshot | None = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-db")
         self._tasks: list[asyncio.Task] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # health checks, JWKS, aggregates
+        self._pool: UpstreamPool | None = None  # the proxy's upstream connections
         self._redis = None
         self.limiter: Limiter | None = None
         self.buffer: EventBuffer | None = None
@@ -174,6 +176,7 @@ class GatewayApp:
         connector = aiohttp.TCPConnector(
             limit=s.upstream_pool_size, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=60
         )
+        self._pool = UpstreamPool(limit=s.upstream_pool_size, keepalive=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -236,6 +239,8 @@ class GatewayApp:
             await self._run_db(self._save_counters)
         if self._session:
             await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
         if self._redis is not None:
             await self._redis.aclose()
         self._db.shutdown(wait=True)
@@ -401,7 +406,7 @@ class GatewayApp:
             request_headers=request_transform.headers if request_transform else None,
             response=policies.get("response_transform"),
             cors="cors" in policies,
-            session_getter=self._get_session,
+            pool_getter=self._get_pool,
             key_header=route.key_header,
             preserve_host=route.preserve_host,
             forward_credential=route.forward_credential,
@@ -480,6 +485,10 @@ class GatewayApp:
     def _get_session(self) -> aiohttp.ClientSession:
         assert self._session is not None
         return self._session
+
+    def _get_pool(self) -> UpstreamPool:
+        assert self._pool is not None
+        return self._pool
 
     async def _watch_config(self) -> None:
         interval = self.settings.config_poll_interval

@@ -1,6 +1,7 @@
 """Proxy: stream the request to an upstream target and the response back.
 
-One pooled aiohttp session per worker, keep-alive both sides. Bodies are never buffered:
+One keep-alive pool per worker (gateway/dataplane/upstream.py), keep-alive both sides.
+Bodies are never buffered:
 request chunks go up as the client sends them, response chunks come down as they arrive.
 A client that disconnects mid-response cancels the upstream exchange (a streaming upstream
 must not be read forever for nobody).
@@ -15,14 +16,13 @@ import time
 from random import getrandbits
 from urllib.parse import quote, unquote_plus
 
-import aiohttp
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.dataplane.balancer import IDEMPOTENT, RETRY_STATUSES, TargetState
 from gateway.dataplane.context import ClientDisconnected, LocalResponse, RequestContext
 from gateway.dataplane.problems import problem
 from gateway.dataplane.stages.transform import HeaderOps, ResponseTransform, is_json
+from gateway.dataplane.upstream import UpstreamConnectTimeout, UpstreamError
 
 # RFC 9110 §7.6.1 hop-by-hop fields.
 HOP_BY_HOP = frozenset(
@@ -61,7 +61,8 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # The upstream's request id is replaced by the gateway's own.
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 VIA = "1.1 apigw"  # RFC 9110 §7.6.3: received-protocol and a pseudonym, no version leak
-_VIA_RESPONSE = (b"via", VIA.encode())
+_VIA = VIA.encode()
+_VIA_RESPONSE = (b"via", _VIA)
 # W3C Trace Context: version-traceid-parentid-flags; all-zero ids are invalid.
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
@@ -107,7 +108,7 @@ class ProxyHandler:
     def __init__(
         self,
         *,
-        session_getter,
+        pool_getter,
         key_header: bytes,
         preserve_host: bool = False,
         forward_credential: bool = False,
@@ -116,7 +117,7 @@ class ProxyHandler:
         response: ResponseTransform | None = None,
         cors: bool = False,
     ) -> None:
-        self._session = session_getter
+        self._pool = pool_getter
         self.key_header = key_header  # the API's credential header: not forwarded by default
         self.drop = HOP_BY_HOP | GATEWAY_ASSERTED
         if not forward_credential:
@@ -135,14 +136,23 @@ class ProxyHandler:
         self.cors = cors
 
     def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict:
+        """The headers sent upstream, for aiohttp (the WebSocket stage)."""
+        return CIMultiDict(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in self._upstream_pairs(ctx)
+        )
+
+    def _upstream_pairs(self, ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+        """The headers sent upstream: the client's, less hop-by-hop and gateway-asserted
+        ones, plus the gateway's own (forwarding, trace, request id, consumer)."""
         drop = self.drop
         scope_headers = ctx.scope["headers"]
         for k, v in scope_headers:
             if k == b"connection":  # fields it names are hop-by-hop too (RFC 9110 §7.6.1)
                 drop = drop | {t.strip().lower() for t in v.split(b",")}
-        pairs: list[tuple[str, str]] = []
+        out: list[tuple[bytes, bytes]] = []
         seen: dict[bytes, bytes] = {}  # the dropped headers that the gateway rewrites
         strip_bearer = ctx.credential == "bearer" and not self.forward_credential
+        identity = self.response_json is not None  # the JSON answer is read to be transformed
         for k, v in scope_headers:
             name = k.replace(b"_", b"-") if b"_" in k else k
             if name in drop or name.startswith(_ASSERTED_PREFIX):
@@ -151,64 +161,65 @@ class ProxyHandler:
                 continue
             if strip_bearer and k == b"authorization" and v[:7].lower() == b"bearer ":
                 continue  # the key came as a bearer token: do not pass it on
-            pairs.append((k.decode("latin-1"), v.decode("latin-1")))
+            if identity and name == b"accept-encoding":
+                continue
+            out.append((k, v))
+        # Every name below was dropped from the client's headers above: appending them is
+        # setting them.
         host = seen.get(b"host")
         forwarded = None
-        out = CIMultiDict(pairs)
-        peer = ctx.peer_ip
-        proto = ctx.scope.get("scheme", "http")
-        public_host = host.decode("latin-1") if host is not None else ""
+        peer = ctx.peer_ip.encode("latin-1")
+        proto = ctx.scope.get("scheme", "http").encode("latin-1")
+        public_host = host if host is not None else b""
         if ctx.trusted_peer:
             # A configured proxy in front of us: its view of the client, scheme and host
             # holds, and we add ourselves to the chain.
             forwarded = seen.get(b"forwarded")
-            chain = seen.get(b"x-forwarded-for", b"").decode("latin-1")
-            out["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+            chain = seen.get(b"x-forwarded-for", b"")
+            out.append((b"x-forwarded-for", chain + b", " + peer if chain else peer))
             forwarded_proto = seen.get(b"x-forwarded-proto")
             if forwarded_proto:
-                proto = forwarded_proto.decode("latin-1")
+                proto = forwarded_proto
             forwarded_host = seen.get(b"x-forwarded-host")
             if forwarded_host and HOST_VALUE.match(forwarded_host):
-                public_host = forwarded_host.decode("latin-1")
+                public_host = forwarded_host
         else:
             # Anyone else's forwarding headers are dropped: they would let a client pose as
             # another address (X-Forwarded-For feeds IP policies and logs upstream).
-            out["X-Forwarded-For"] = peer
-        out["X-Forwarded-Proto"] = proto
+            out.append((b"x-forwarded-for", peer))
+        out.append((b"x-forwarded-proto", proto))
         if public_host:
-            out["X-Forwarded-Host"] = public_host
-        if proto not in ("http", "https"):
-            proto = ctx.scope.get("scheme", "http")  # a trusted proxy's odd value: ours
-        element = f"for={_forwarded_node(peer)};proto={proto}"
+            out.append((b"x-forwarded-host", public_host))
+        if proto not in (b"http", b"https"):
+            proto = ctx.scope.get("scheme", "http").encode("latin-1")  # a proxy's odd value
+        element = b"for=" + _forwarded_node(ctx.peer_ip).encode("latin-1") + b";proto=" + proto
         if public_host:  # the Host was checked on arrival (app.py), a forwarded one above
-            element += f';host="{public_host}"'
-        out["Forwarded"] = f"{forwarded.decode('latin-1')}, {element}" if forwarded else element
+            element += b';host="' + public_host + b'"'
+        out.append((b"forwarded", forwarded + b", " + element if forwarded else element))
         via = seen.get(b"via")
-        out["Via"] = f"{via.decode('latin-1')}, {VIA}" if via else VIA
+        out.append((b"via", via + b", " + _VIA if via else _VIA))
         if self.preserve_host and host is not None:
-            out["Host"] = host.decode("latin-1")
+            out.append((b"host", host))
         traceparent = seen.get(b"traceparent")
         if traceparent is not None and valid_traceparent(traceparent):
-            out["traceparent"] = traceparent.decode("latin-1").strip()
+            out.append((b"traceparent", traceparent.strip()))
             if b"tracestate" in seen:
-                out["tracestate"] = seen[b"tracestate"].decode("latin-1")
+                out.append((b"tracestate", seen[b"tracestate"]))
         else:
             # Start a trace; when the request id is ours, it is the trace id as well, so
             # that one id finds the request in the gateway's log and in the upstream's traces.
             rid = ctx.request_id
             trace = rid if ctx.request_id_generated else f"{getrandbits(128):032x}"
-            out["traceparent"] = f"00-{trace}-{getrandbits(64):016x}-01"
-        out["X-Request-ID"] = ctx.request_id
+            out.append((b"traceparent", f"00-{trace}-{getrandbits(64):016x}-01".encode()))
+        out.append((b"x-request-id", ctx.request_id.encode("latin-1")))
         key = ctx.key
         if key is not None:
-            out["X-Consumer-ID"] = str(key.consumer_id)
-            out["X-Consumer-Plan"] = key.plan_slug
-        if self.response_json is not None:
-            out["Accept-Encoding"] = "identity"  # the JSON answer is read to be transformed
+            out.append((b"x-consumer-id", str(key.consumer_id).encode()))
+            out.append((b"x-consumer-plan", key.plan_slug.encode("latin-1")))
+        if identity:
+            out.append((b"accept-encoding", b"identity"))
         if self.request_headers is not None:
-            pairs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
-            pairs = self.request_headers.apply(pairs, ctx)
-            out = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs)
+            out = self.request_headers.apply(out, ctx)
         return out
 
     async def _body(self, ctx: RequestContext):
@@ -278,7 +289,7 @@ class ProxyHandler:
             query = _without_param(query, self.key_query_param)
         if query:
             path += "?" + query.decode("latin-1")
-        headers = self._upstream_headers(ctx)
+        headers = self._upstream_pairs(ctx)
         timeout = route.timeout or upstream.timeout
         try:
             data = await self._body(ctx)
@@ -342,14 +353,16 @@ class ProxyHandler:
         target.active += 1
         try:
             sent = time.perf_counter()
-            async with self._session().request(
+            async with self._pool().request(
                 ctx.method,
-                URL(target.base_url + path, encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
+                "https" if target.base_url.startswith("https:") else "http",
+                target.host,
+                target.port,
+                path,
+                headers,
+                data,
                 timeout=timeout,
-                ssl=upstream.ssl,
+                tls=upstream.ssl,
                 server_hostname=upstream.server_hostname,
             ) as resp:
                 ctx.upstream_latency = time.perf_counter() - sent
@@ -369,9 +382,7 @@ class ProxyHandler:
                     out = [(k, v) for k, v in out if not k.lower().startswith(b"access-control-")]
                 if self.response_headers is not None:
                     out = self.response_headers.apply(out, ctx)
-                if self.response_json is not None and is_json(
-                    resp.headers.get("content-type", "").encode("latin-1")
-                ):
+                if self.response_json is not None and is_json(resp.header(b"content-type") or b""):
                     return await self._send_transformed(ctx, resp, status, out)
                 observers = ctx.observers  # the cache's capture, a response check
                 for o in observers:
@@ -382,13 +393,21 @@ class ProxyHandler:
                 ctx.status = status
                 ctx.response_started = True
                 await send({"type": "http.response.start", "status": status, "headers": out})
-                content = resp.content
-                async for chunk in content.iter_any():
+                body = resp.complete_body()
+                if body is not None:  # a short answer, here whole: one message
+                    ctx.bytes_out += len(body)
+                    for o in observers:
+                        o.feed(body)
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    for o in observers:
+                        o.finish(ok=True)
+                    return None
+                async for chunk in resp.iter_chunks():
                     ctx.bytes_out += len(chunk)
                     for o in observers:
                         o.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if watcher is None and ctx.body_done and not content.at_eof():
+                    if watcher is None and ctx.body_done and not resp.at_eof():
                         # A response still going after its first chunk may be long (a stream):
                         # watch for the client leaving. Short answers never pay for a task.
                         ctx.task = asyncio.current_task()
@@ -414,18 +433,16 @@ class ProxyHandler:
             if ctx.response_started:
                 ctx.error_kind = "upstream_aborted"
                 raise
-            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            if isinstance(exc, UpstreamConnectTimeout):
                 ctx.error_kind = "upstream_timeout"
                 return _timeout_problem(ctx), True  # nothing was sent
-            if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            if isinstance(exc, TimeoutError):
                 ctx.error_kind = "upstream_timeout"
                 return _timeout_problem(ctx), False
-            if isinstance(exc, aiohttp.ClientConnectorError):
+            if isinstance(exc, UpstreamError):
                 ctx.error_kind = "upstream_error"
-                return _unreachable_problem(ctx, exc), True  # refused: nothing was sent
-            if isinstance(exc, aiohttp.ClientError):
-                ctx.error_kind = "upstream_error"
-                return _unreachable_problem(ctx, exc), False
+                # Refused (connect_failed): nothing was sent, any method may go elsewhere.
+                return _unreachable_problem(ctx, exc), exc.connect_failed
             raise
         finally:
             target.active -= 1
@@ -441,11 +458,15 @@ class ProxyHandler:
         cannot be checked (too large, compressed) is refused rather than passed on."""
         transform = self.response
         assert transform is not None and self.response_json is not None
-        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-        raw = await resp.content.read(transform.max_body + 1)
-        if len(raw) > transform.max_body or encoding not in ("", "identity"):
+        encoding = (resp.header(b"content-encoding") or b"identity").strip().lower()
+        raw = await resp.read(transform.max_body + 1)
+        if len(raw) > transform.max_body or encoding not in (b"", b"identity"):
             ctx.error_kind = "response_untransformable"
-            why = "too large" if len(raw) > transform.max_body else f"{encoding}-encoded"
+            why = (
+                "too large"
+                if len(raw) > transform.max_body
+                else f"{encoding.decode('latin-1')}-encoded"
+            )
             await _send_problem(
                 ctx,
                 problem(

@@ -128,14 +128,24 @@ class HeaderOps:
             if resolved is None:
                 continue
             headers = [(k, v) for k, v in headers if k.lower() != name]
-            headers.append((name, str(resolved).encode("latin-1", "replace")))
+            headers.append((name, _header_value(resolved)))
         for name, value in self.add:
             if any(k.lower() == name for k, _ in headers):
                 continue
             resolved = value.resolve(ctx)
             if resolved is not None:
-                headers.append((name, str(resolved).encode("latin-1", "replace")))
+                headers.append((name, _header_value(resolved)))
         return headers
+
+
+_UNSAFE_IN_VALUES = bytes.maketrans(b"\r\n\0", b"   ")
+
+
+def _header_value(value) -> bytes:
+    """A resolved value as a header value: values come from requests (a claim, a query
+    parameter), so CR, LF and NUL, which would start a header of the client's choosing, are
+    spaces."""
+    return str(value).encode("latin-1", "replace").translate(_UNSAFE_IN_VALUES)
 
 
 def _header_name(name: str, field: str) -> bytes:
