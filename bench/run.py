@@ -45,6 +45,8 @@ from pathlib import Path
 
 from benchutil import free_port  # noqa: E402 - bench/ is on sys.path
 
+OPENLOOP_MAX_RPS = 15_000  # what bench/openloop.py was seen to hold on one core
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -771,8 +773,9 @@ def render(
             )
             out += [
                 "",
-                "What the numbers are: bench/openloop.py (Python, aiohttp, uvloop, pinned to the "
-                "load core) sends request i at t0 + i/rate whatever the earlier answers do, and "
+                "What the numbers are: bench/openloop.py (Python, asyncio protocols, uvloop, "
+                "pinned to the load core) sends request i at t0 + i/rate whatever the earlier "
+                "answers do, and "
                 "times each request from that intended send time to the end of its body, so "
                 "client lag and server queueing both count (no coordinated omission). The "
                 "client's own cost (Python, and a ~1 ms timer granularity that makes some sends "
@@ -853,8 +856,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rate_list = [float(r) for r in items if r != "half"]
     except ValueError:
         p.error("--rates: numbers separated by commas")
-    if any(not 1 <= r <= 3000 for r in args.rate_list):
-        p.error("--rates: 1..3000 rps each (a Python client cannot hold more)")
+    if any(not 1 <= r <= OPENLOOP_MAX_RPS for r in args.rate_list):
+        p.error(f"--rates: 1..{OPENLOOP_MAX_RPS} rps each (what bench/openloop.py can hold)")
     return args
 
 
@@ -996,10 +999,10 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     rates = list(args.rate_list)
     if args.half:
         # Added latency at half the full pipeline's saturation rate (capped: the Python
-        # open-loop client cannot hold more than about 3,000 rps).
+        # open-loop client cannot hold more than OPENLOOP_MAX_RPS).
         gw = [r.rps for r in runs if r.target == "gateway"]
         if gw:
-            rates.append(min(3000.0, round(median(gw) / 2, -1)))
+            rates.append(min(OPENLOOP_MAX_RPS, round(median(gw) / 2, -1)))
     for rate in rates:
         for t in targets:
             f = runner.fixed_rate(t, rate, args.fixed_duration)

@@ -208,3 +208,43 @@ def test_targets_are_healthy_again_when_active_checks_are_turned_off():
     checker = HealthChecker(lambda: None)
     checker.sync([UpstreamEntry(1, "up", ts, 1.0, 1.0)])  # health is None: no checks
     assert ts[0].healthy and ts[0].probes_failed == 0
+
+
+def test_request_metrics_are_counted_locally_and_flushed_as_observe_would():
+    from types import SimpleNamespace
+
+    from gateway.dataplane.metrics import LATENCY, REQUESTS, MetricsStage
+
+    def value(metric, suffix: str, **labels) -> float:
+        for family in metric.collect():
+            for s in family.samples:
+                if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        return 0.0
+
+    api = "metrics-unit"
+    stage = MetricsStage()
+    latencies = [0.0005, 0.001, 0.003, 0.003, 0.2, 45.0]  # 0.001 is in the 0.001 bucket
+    for seconds in latencies:
+        ctx = SimpleNamespace(
+            route=SimpleNamespace(api_slug=api),
+            status=200,
+            elapsed=lambda s=seconds: s,
+            error_kind="",
+            retries=0,
+        )
+        stage.on_complete(ctx)
+    stage.on_complete(
+        SimpleNamespace(route=None, status=404, elapsed=lambda: 0.0, error_kind="", retries=0)
+    )
+    assert value(REQUESTS, "_total", api=api, status="2xx") == 0  # not before the flush
+    stage.flush()
+    assert value(REQUESTS, "_total", api=api, status="2xx") == 6
+    assert value(REQUESTS, "_total", api="", status="4xx") >= 1
+    assert value(LATENCY, "_sum", api=api) == pytest.approx(sum(latencies))
+    assert value(LATENCY, "_count", api=api) == 6
+    cumulative = {"0.001": 2, "0.005": 4, "0.1": 4, "0.25": 5, "30.0": 5, "+Inf": 6}
+    for le, n in cumulative.items():
+        assert value(LATENCY, "_bucket", api=api, le=le) == n, le
+    stage.flush()  # nothing new: nothing added twice
+    assert value(REQUESTS, "_total", api=api, status="2xx") == 6

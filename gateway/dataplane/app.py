@@ -534,6 +534,7 @@ class GatewayApp:
             await asyncio.sleep(1.0)
 
     def _set_gauges(self) -> None:
+        self.metrics_stage.flush()
         buffer = self.buffer
         if buffer is not None:
             metrics.LOG_BUFFER.set(len(buffer))

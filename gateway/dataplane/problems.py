@@ -31,6 +31,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "not-ready": (503, "Gateway not ready"),
     "limiter-unavailable": (503, "Limits cannot be checked"),
     "no-healthy-target": (503, "No healthy upstream target"),
+    "overloaded": (503, "Gateway overloaded"),
     "gateway-timeout": (504, "Upstream timed out"),
 }
 

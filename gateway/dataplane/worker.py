@@ -1,4 +1,7 @@
-"""The gunicorn worker class of the data plane: uvicorn (uvloop + httptools).
+"""The gunicorn worker class of the data plane: uvicorn's server (uvloop), our HTTP protocol.
+
+The HTTP/1.1 protocol is the gateway's own (protocol.py: httptools, head limits, one write
+per response); uvicorn runs the sockets, lifespan, signals and graceful shutdown.
 
 uvicorn's own `server` and `date` headers are off so that upstream responses pass through
 untouched; the gateway dates its own responses. uvicorn's proxy-headers middleware is off: it
