@@ -837,6 +837,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "to compare the full pipeline with and without them configured elsewhere",
     )
     p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated gateway targets to run (gateway-bare, gateway, gateway-cache-hit)"
+        "; direct and nginx always run. For a profile of one path.",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="cProfile the gateway's event loop and print its top functions (slows it)",
@@ -975,6 +981,12 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     ]
     if args.without_policies:
         targets = [t for t in targets if t.name != "gateway-cache-hit"]
+    if args.only:
+        wanted = {"direct", "nginx", *args.only.split(",")}
+        unknown = wanted - {t.name for t in targets}
+        if unknown:
+            raise BenchError(f"--only: no target {', '.join(sorted(unknown))}")
+        targets = [t for t in targets if t.name in wanted]
     servers = {upstream.pid, proxy.pid, gateway.pid}
     runner = Runner(procs, tools, (server_core, load_core), servers, args)
     runner.sent_to_gateway = 2  # the readiness and 401 checks

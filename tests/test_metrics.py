@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -25,6 +26,22 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def settled(stack) -> str:
+    """A scrape taken once the counters stopped moving: each worker adds its request counts
+    every second (metrics.MetricsStage.flush), so requests made just before may still be on
+    their way. Two scrapes 1.2 s apart that agree; bounded, for a loaded machine."""
+    deadline = time.monotonic() + 15
+    last = stack.ops("/metrics").text
+    while True:
+        time.sleep(1.2)
+        text = stack.ops("/metrics").text
+        counts = [ln for ln in text.splitlines() if ln.startswith("gateway_requests_total")]
+        if counts == [ln for ln in last.splitlines() if ln.startswith("gateway_requests_total")]:
+            return text
+        assert time.monotonic() < deadline, "the request counters never settled"
+        last = text
+
+
 def test_health_and_readiness(stack, live):
     assert stack.ops("/healthz").json() == {"status": "ok"}
     ready = stack.ops("/readyz").json()
@@ -42,7 +59,7 @@ def test_metrics_count_requests_of_every_worker_by_api_and_status_class(stack, l
     dev = make_user("metrics@example.com")
     issued = active_key(dev, live.free)
     wait_for_key(stack, issued.key)
-    before = stack.ops("/metrics").text
+    before = settled(stack)  # wait_for_key's own requests are counted before the baseline
     ok_before = sample(before, "gateway_requests_total", api="demo", status="2xx")
     denied_before = sample(before, "gateway_requests_total", api="demo", status="4xx")
     for _ in range(20):
@@ -82,7 +99,7 @@ def test_upstream_errors_are_counted(stack, live):
     issued = active_key(dev, live.free)
     wait_for_key(stack, issued.key)
     before = sample(
-        stack.ops("/metrics").text,
+        settled(stack),
         "gateway_upstream_errors_total",
         api="demo",
         kind="upstream_error",
