@@ -171,6 +171,7 @@ check_url(
     {"filesystem", "redis", "rediss", "amqp", "amqps", "pyamqp"},
 )
 if CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT = "config.fsbroker:Transport"  # atomic message files
     _broker_dir = VAR_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
