@@ -92,3 +92,14 @@ def child_env(**overrides: str) -> dict[str, str]:
         else:
             env[k] = v
     return env
+
+
+async def read_chunked(reader) -> bytes:
+    """A chunked body (RFC 9112 §7.1) from an asyncio StreamReader, up to its last chunk."""
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        if size == 0:
+            return body
+        body += chunk[:-2]

@@ -12,6 +12,7 @@ import json
 from types import SimpleNamespace
 
 from gateway.dataplane.protocol import GatewayHttpProtocol
+from tests.procs import read_chunked
 
 
 def _config(app, **kw):
@@ -52,13 +53,7 @@ async def _read_response(reader, *, head_only=False) -> tuple[bytes, dict, bytes
     elif "content-length" in headers:
         body = await reader.readexactly(int(headers["content-length"]))
     elif headers.get("transfer-encoding") == "chunked":
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            body += chunk[:-2]
+        body = await read_chunked(reader)
     else:
         body = b""
     return lines[0].encode(), headers, body

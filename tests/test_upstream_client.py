@@ -22,6 +22,7 @@ from gateway.dataplane.upstream import (
     UpstreamReadTimeout,
     UpstreamTotalTimeout,
 )
+from tests.procs import read_chunked
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\n\r\nhello"
 
@@ -149,13 +150,7 @@ def test_request_bodies_bytes_streamed_chunked_and_streamed_with_a_length():
         while True:
             head = await server.read_head(reader)
             if b"transfer-encoding: chunked" in head:
-                data = b""
-                while True:
-                    size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-                    chunk = await reader.readexactly(size + 2)
-                    if size == 0:
-                        break
-                    data += chunk[:-2]
+                data = await read_chunked(reader)
             else:
                 data = await reader.readexactly(_content_length(head))
             received.append(data)

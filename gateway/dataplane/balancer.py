@@ -45,6 +45,7 @@ class TargetState:
         "host",
         "port",
         "base_url",
+        "scheme",
         "weight",
         "healthy",
         "probes_ok",
@@ -60,6 +61,7 @@ class TargetState:
         self.host = host
         self.port = port
         self.base_url = base_url
+        self.scheme = base_url.partition(":")[0]  # "http" | "https"
         self.weight = weight
         self.healthy = True  # by active checks; optimistic until a probe says otherwise
         self.probes_ok = 0

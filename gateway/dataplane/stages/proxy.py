@@ -355,7 +355,7 @@ class ProxyHandler:
             sent = time.perf_counter()
             async with self._pool().request(
                 ctx.method,
-                "https" if target.base_url.startswith("https:") else "http",
+                target.scheme,
                 target.host,
                 target.port,
                 path,
