@@ -7,7 +7,7 @@ from django.db import transaction
 
 from gateway.config import config_bump, config_current_version
 from portal.consumers import consumer_for_user
-from portal.keys import key_digest, key_issue, key_parse, key_revoke
+from portal.keys import KeyHasher, key_digest, key_id_of, key_issue, key_parse, key_revoke
 from portal.models import ApiKey, AuditEvent, Subscription
 from portal.subscriptions import (
     SubscriptionError,
@@ -85,6 +85,33 @@ def test_keys_are_unique(developer, catalog):
 )
 def test_malformed_keys_do_not_parse(raw):
     assert key_parse(raw) is None
+    assert key_id_of(raw.encode()) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "gw_0123456789ab_s",
+        "gw_0123456789ab_with_more_underscores",
+        "gw_0123_56789ab_secret",  # an underscore inside the id
+        "gw_0123456789abc_secret",  # a 13-character id
+        "gw_0123456789\u00e9_secret",
+        "gw_0123456789ab_s\u00e9cret",
+        "gw_0123456789ab_" + "s" * 112,  # 128 characters: the longest
+        "gw_0123456789ab_" + "s" * 113,
+    ],
+)
+def test_the_gateways_bytes_parser_agrees_with_key_parse(raw):
+    assert key_id_of(raw.encode()) == key_parse(raw) or not raw.isascii()
+    if not raw.isascii():  # never a key (keys are ASCII); its digest matches no stored one
+        assert key_parse(raw) is None
+
+
+@pytest.mark.parametrize("secret", [b"", b"k", b"x" * 64, b"y" * 65, b"z" * 200])
+def test_the_gateways_key_hasher_is_key_digest(secret):
+    hasher = KeyHasher(secret)
+    for raw in ("gw_0123456789ab_secret", "", "x" * 300):
+        assert hasher.hexdigest(raw.encode()) == key_digest(raw, secret).encode()
 
 
 def test_revoking_a_key_bumps_the_config_and_is_idempotent(developer, catalog):

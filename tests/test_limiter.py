@@ -10,6 +10,7 @@ import pytest
 from django.conf import settings
 
 from gateway.dataplane.limiter import MemoryLimiter, RedisLimiter, period_bounds, redis_client
+from gateway.dataplane.pipeline import settle
 from gateway.dataplane.snapshot import LimitRule
 
 T0 = datetime(2026, 3, 31, 23, 59, 0, tzinfo=UTC).timestamp()
@@ -175,7 +176,7 @@ def _stage_answer(fail_closed: bool):
                 client_ip="127.0.0.1",
             )
             ctx.key = Key()
-            return await stage.on_request(ctx), ctx
+            return await settle(stage.on_request(ctx)), ctx
         finally:
             await client.aclose()
 

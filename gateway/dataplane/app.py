@@ -32,7 +32,7 @@ from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redi
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
 from gateway.dataplane.metrics import MetricsStage
 from gateway.dataplane.networks import Networks
-from gateway.dataplane.pipeline import Stage
+from gateway.dataplane.pipeline import Stage, completes, settle
 from gateway.dataplane.problems import problem
 from gateway.dataplane.router import MethodNotAllowed, normalize_path
 from gateway.dataplane.settings import GatewaySettings, load_settings
@@ -50,7 +50,7 @@ from gateway.dataplane.snapshot import (
 )
 from gateway.dataplane.stages.aggregate import AggregateHandler
 from gateway.dataplane.stages.aggregate import Call as AggregateCall
-from gateway.dataplane.stages.authenticate import AuthenticateStage
+from gateway.dataplane.stages.authenticate import AuthenticateStage, VerifiedKeys
 from gateway.dataplane.stages.authorize import AuthorizeStage
 from gateway.dataplane.stages.cache import CacheStage, MemoryStore, RedisStore
 from gateway.dataplane.stages.cors import CorsStage
@@ -128,6 +128,7 @@ class GatewayApp:
         self._ops_port = -1
         self._trusted_proxies = Networks(())
         self.targets = TargetRegistry()  # per-worker target state, kept across snapshots
+        self.verified_keys = VerifiedKeys()  # keys that passed the HMAC check (authenticate)
         # JWKS key sets, kept across snapshots (so a rebuild does not refetch them): config
         # fingerprint -> cache. `_jwks_build` collects those the snapshot being built uses.
         self.jwks: dict[str, JwksCache] = {}
@@ -338,6 +339,7 @@ class GatewayApp:
         finally:
             sys.setswitchinterval(interval)
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
+        self.verified_keys.clear()  # its entries are the old snapshot's: let them go
         self._seen = (epoch, version)
         self._broken_since = None
         self.health.sync(snapshot.upstreams)
@@ -392,6 +394,7 @@ class GatewayApp:
                 )
             )
         route.stages = stages
+        route.completing = tuple(s for s in stages if completes(s))
         if route.aggregate is not None:
             partial, calls = route.aggregate
             params = route.param_names or tuple(route.regex.groupindex if route.regex else ())
@@ -425,6 +428,7 @@ class GatewayApp:
             keys=keys,
             secret=s.key_hmac_secret,
             query_param=route.key_query_param,
+            verified=self.verified_keys,
         )
         if route.auth_methods != "key":
             authenticate = JwtAuthenticateStage(
@@ -697,7 +701,7 @@ class GatewayApp:
             ctx.status = 499
         route = ctx.route
         if route is not None:
-            for stage in route.stages:
+            for stage in route.completing:
                 stage.on_complete(ctx)
         if self.log_stage is not None:
             self.log_stage.on_complete(ctx)
@@ -787,8 +791,12 @@ class GatewayApp:
         if websocket:
             return await self._dispatch_websocket(ctx, route)
         for stage in route.stages:
-            response = await stage.on_request(ctx)
+            response = stage.on_request(ctx)
             if response is not None:
+                if type(response) is not LocalResponse:  # the stage has to wait
+                    response = await response
+                    if response is None:
+                        continue
                 return response
         return await route.handler.handle(ctx)
 
@@ -802,7 +810,7 @@ class GatewayApp:
         for stage in route.stages:
             if stage.name in _NOT_FOR_WEBSOCKET:
                 continue
-            response = await stage.on_request(ctx)
+            response = await settle(stage.on_request(ctx))
             if response is not None:
                 return response
         await route.websocket.serve(ctx)

@@ -55,6 +55,18 @@ def period_bounds(period: str, now: float) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
+_current: dict[str, tuple[float, float]] = {}
+
+
+def current_period(period: str, now: float) -> tuple[float, float]:
+    """period_bounds(), remembered until the period ends (a month takes datetime arithmetic,
+    ~1.5 µs, on every request otherwise)."""
+    bounds = _current.get(period)
+    if bounds is None or not bounds[0] <= now < bounds[1]:
+        bounds = _current[period] = period_bounds(period, now)
+    return bounds
+
+
 def quota_counter_name(tag: str, subject: str, period_start: float) -> str:
     """The Redis key of a quota counter; the hash tag keeps a key's limits on one shard."""
     return f"apigw:q:{{{tag}}}:{subject}:{int(period_start)}"
@@ -77,50 +89,70 @@ class MemoryLimiter:
         return self.check_sync(rules, now)
 
     def check_sync(self, rules: tuple[LimitRule, ...], now: float) -> Decision:
-        best: Decision | None = None
-        refusal: Decision | None = None
-        writes: list[tuple[LimitRule, object, object]] = []
+        """Admit and count, or refuse and count nothing. The admitting pass is the hot one:
+        a refusal is worked out again by `_refusal`, without the bookkeeping."""
+        tats = self._tat
+        quotas = self._quota
+        best: LimitRule | None = None
+        best_left = 0
+        best_reset = 0.0
+        writes: list = []
         for rule in rules:
             if rule.kind == "rate":
-                interval = WINDOW_SECONDS[rule.period] / rule.limit
-                tolerance = rule.burst * interval
-                tat = self._tat.get(rule.subject, now)
+                tat = tats.get(rule.subject, now)
                 if tat < now:
                     tat = now
-                if tat - now > tolerance + 1e-9:
-                    d = Decision(False, rule, 0, tat - now, tat - now - tolerance)
-                else:
-                    new_tat = tat + interval
-                    left = math.floor((tolerance - (new_tat - now)) / interval + 1e-9) + 1
-                    d = Decision(True, rule, max(0, left), new_tat - now)
-                    writes.append((rule, rule.subject, new_tat))
+                if tat - now > rule.tolerance + 1e-9:
+                    return self._refusal(rules, now)
+                interval = rule.interval
+                reset = tat + interval - now
+                left = math.floor((rule.tolerance - reset) / interval + 1e-9) + 1
+                if left < 0:
+                    left = 0
+                writes.append((rule, tat + interval))
             else:
-                start, end = period_bounds(rule.period, now)
+                start, end = current_period(rule.period, now)
                 slot = (rule.subject, start)
-                used = self._quota.get(slot, 0)
-                if used + 1 > rule.limit:
-                    d = Decision(False, rule, 0, end - now, end - now)
-                else:
-                    d = Decision(True, rule, rule.limit - used - 1, end - now)
-                    writes.append((rule, slot, used + 1))
-            if not d.allowed:
-                if refusal is None or d.retry_after > refusal.retry_after:
-                    refusal = d
-            elif best is None or d.remaining < best.remaining:
-                best = d
-        if refusal is not None:
-            return refusal
-        for rule, slot, value in writes:
+                used = quotas.get(slot, 0)
+                if used >= rule.limit:
+                    return self._refusal(rules, now)
+                left = rule.limit - used - 1
+                reset = end - now
+                writes.append((rule, slot))
+            if best is None or left < best_left:
+                best, best_left, best_reset = rule, left, reset
+        for rule, value in writes:
             if rule.kind == "rate":
-                if slot not in self._tat:
+                if rule.subject not in tats:
                     self._new_since_prune += 1
-                self._tat[slot] = value  # type: ignore[index,assignment]
+                tats[rule.subject] = value
             else:
-                self._quota[slot] = value  # type: ignore[index,assignment]
-                self._dirty.add(slot)  # type: ignore[arg-type]
+                quotas[value] = quotas.get(value, 0) + 1
+                self._dirty.add(value)
         if self._new_since_prune >= PRUNE_EVERY:
             self.prune(now)
-        return best or Decision(True, None, 0, 0.0)
+        if best is None:
+            return Decision(True, None, 0, 0.0)
+        return Decision(True, best, best_left, best_reset)
+
+    def _refusal(self, rules: tuple[LimitRule, ...], now: float) -> Decision:
+        """The refusing rule that frees up last (the longest Retry-After)."""
+        worst: Decision | None = None
+        for rule in rules:
+            if rule.kind == "rate":
+                tat = max(self._tat.get(rule.subject, now), now)
+                if tat - now <= rule.tolerance + 1e-9:
+                    continue
+                d = Decision(False, rule, 0, tat - now, tat - now - rule.tolerance)
+            else:
+                start, end = current_period(rule.period, now)
+                if self._quota.get((rule.subject, start), 0) < rule.limit:
+                    continue
+                d = Decision(False, rule, 0, end - now, end - now)
+            if worst is None or d.retry_after > worst.retry_after:
+                worst = d
+        assert worst is not None
+        return worst
 
     def prune(self, now: float) -> None:
         """Forget rate counters that are fully replenished (per-IP rules make many)."""
@@ -252,7 +284,7 @@ class RedisLimiter:
                 keys.append(rate_counter_name(rule.tag, rule.subject))
                 args += ["r", rule.limit, WINDOW_SECONDS[rule.period] * 1000, rule.burst]
             else:
-                start, end = period_bounds(rule.period, now)
+                start, end = current_period(rule.period, now)
                 keys.append(quota_counter_name(rule.tag, rule.subject, start))
                 args += ["q", rule.limit, int(end * 1000), 0]
         try:

@@ -56,6 +56,22 @@ _DETAILS = {
 # (and one over all the values) joined together covers a whole head.
 _BAD_NAME = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# Response header names seen, lower-cased and checked once: the same few dozen names come
+# back on every response. Bounded: a flood of odd names only empties it.
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX = 4096
+
+
+def _checked_name(name: bytes) -> bytes:
+    if not name or _BAD_NAME.search(name):
+        raise RuntimeError("invalid response header name")
+    if len(_NAMES) >= _NAMES_MAX:
+        _NAMES.clear()
+    lower = _NAMES[name] = name.lower()
+    return lower
+
+
 _STATUS_LINE = {}
 for _code in range(100, 600):
     try:
@@ -236,27 +252,28 @@ class _Cycle:
             proto.response_complete(self)
 
     def _start(self, status: int, headers) -> None:
-        names = []
         values = []
         parts = [_STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
         close = False
         for name, value in headers:
-            name = name.lower()
-            names.append(name)
+            lower = _NAMES.get(name)
+            if lower is None:
+                lower = _checked_name(name)
             values.append(value)
-            if name == b"content-length":
-                if self.remaining < 0 and not self.chunked:
-                    self.remaining = int(value)
-            elif name == b"transfer-encoding":
-                if value.lower() == b"chunked":
-                    self.chunked = True
-                    self.remaining = -1
-            elif name == b"connection" and b"close" in value.lower():
-                close = True
-                self.keep_alive = False
-            parts += (name, b": ", value, b"\r\n")
-        if _BAD_NAME.search(b"".join(names)) or _BAD_VALUE.search(b"".join(values)):
-            raise RuntimeError("invalid response header name or value")
+            if lower in _FRAMING:
+                if lower == b"content-length":
+                    if self.remaining < 0 and not self.chunked:
+                        self.remaining = int(value)
+                elif lower == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        self.chunked = True
+                        self.remaining = -1
+                elif b"close" in value.lower():  # connection
+                    close = True
+                    self.keep_alive = False
+            parts += (lower, b": ", value, b"\r\n")
+        if _BAD_VALUE.search(b"".join(values)):
+            raise RuntimeError("invalid response header value")
         if not self.keep_alive and not close:
             parts.append(b"connection: close\r\n")
         if (

@@ -52,6 +52,9 @@ class UpstreamEntry:
 WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
 
 
+QUOTA_WINDOW_SECONDS = {"day": 86400, "month": 2_592_000}  # a month's w is nominal (30 d)
+
+
 @dataclass(frozen=True, slots=True)
 class LimitRule:
     """One counter a request is checked against: a rate ("rate", GCRA) or a quota."""
@@ -64,6 +67,27 @@ class LimitRule:
     burst: int = 0  # rates: requests allowed at once above the even pace
     name: str = ""  # the policy's name in RateLimit-Policy, e.g. "key-minute"
     scope: str = ""  # rates: "key" | "consumer" | "organization" | "client_ip"
+    # Derived once here, read by the limiter and the limit headers on every request:
+    interval: float = field(default=0.0, init=False, compare=False, repr=False)  # GCRA's T
+    tolerance: float = field(default=0.0, init=False, compare=False, repr=False)  # burst * T
+    label: bytes = field(default=b"", init=False, compare=False, repr=False)  # its name
+    policy: bytes = field(default=b"", init=False, compare=False, repr=False)  # RateLimit-Policy
+    limit_text: bytes = field(default=b"", init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        derive = object.__setattr__
+        if self.kind == "rate":
+            window = WINDOW_SECONDS[self.period]
+            interval = window / self.limit if self.limit > 0 else float(window)
+            derive(self, "interval", interval)
+            derive(self, "tolerance", self.burst * interval)
+            label = self.name or "rate"
+        else:
+            window = QUOTA_WINDOW_SECONDS.get(self.period, 86400)
+            label = self.name or f"quota-{self.period}"
+        derive(self, "label", label.encode())
+        derive(self, "policy", f'"{label}";q={self.limit};w={window}'.encode())
+        derive(self, "limit_text", b"%d" % self.limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +163,20 @@ class KeyEntry:
     plan_id: int = 0
     scopes: frozenset[str] = frozenset()
     ip_rates: tuple[RateTemplate, ...] = ()  # the plan's per-client-IP rules
+    # Who the upstream is told called (stages/proxy.py), encoded once.
+    consumer_headers: tuple[tuple[bytes, bytes], ...] = field(
+        default=(), init=False, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "consumer_headers",
+            (
+                (b"x-consumer-id", b"%d" % self.consumer_id),
+                (b"x-consumer-plan", self.plan_slug.encode("latin-1", "replace")),
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +266,7 @@ class RouteEntry:
     openapi: object | None = None  # openapi.OpenApiValidator of the entry's API version
     doc_prefix: str = ""  # the public path above what the OpenAPI document describes
     stages: list[Stage] = field(default_factory=list)
+    completing: tuple[Stage, ...] = ()  # the stages with an on_complete of their own
     handler: Handler | None = None
 
     def __post_init__(self) -> None:

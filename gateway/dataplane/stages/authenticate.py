@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from urllib.parse import parse_qsl
 
@@ -10,7 +9,40 @@ from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.pipeline import Stage
 from gateway.dataplane.problems import problem
 from gateway.dataplane.snapshot import KeyEntry
-from portal.keys import key_parse
+from portal.keys import KeyHasher, key_id_of
+
+
+class VerifiedKeys:
+    """Keys that passed the HMAC check, by the bytes presented: the snapshot entry each one
+    matched. A hit counts only while the snapshot still holds that very entry (a delta or a
+    rebuild replaces entries), so revoking, rotating or expiring a key takes effect as it
+    does without this; what it saves is the hash and the parse of a key seen before (the
+    same trade as Kong's credential cache). Only verified keys get in: an unknown or wrong
+    key always costs the full check. Bounded; emptied when full. Never logged or exported.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._entries: dict[bytes, KeyEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, raw: bytes, keys: dict[str, KeyEntry]) -> KeyEntry | None:
+        entry = self._entries.get(raw)
+        if entry is not None and keys.get(entry.key_id) is entry:
+            return entry
+        return None
+
+    def add(self, raw: bytes, entry: KeyEntry) -> None:
+        if self.capacity <= 0:
+            return
+        if len(self._entries) >= self.capacity:
+            self._entries.clear()
+        self._entries[raw] = entry
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class AuthenticateStage(Stage):
@@ -27,11 +59,13 @@ class AuthenticateStage(Stage):
         keys: dict[str, KeyEntry],
         secret: bytes,
         query_param: str = "",
+        verified: VerifiedKeys | None = None,
     ) -> None:
         self.key_header = key_header
         self.header_label = header_label
         self.keys = keys
-        self.secret = secret
+        self.hasher = KeyHasher(secret)
+        self.verified = verified if verified is not None else VerifiedKeys(capacity=0)
         self.query_param = query_param
         self._query_marker = f"{query_param}=".encode() if query_param else b""
         ways = f"the {header_label} header or as Authorization: Bearer <key>"
@@ -62,7 +96,7 @@ class AuthenticateStage(Stage):
                         return value.encode("latin-1")
         return None
 
-    async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+    def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         raw = self._credential(ctx)
         if not raw:
             return problem(
@@ -71,15 +105,15 @@ class AuthenticateStage(Stage):
                 request_id=ctx.request_id,
                 headers=self.challenge,
             )
-        # Hash before looking up so that unknown and wrong keys cost the same.
-        digest = hmac.new(self.secret, raw, hashlib.sha256).hexdigest().encode()
-        try:
-            key_id = key_parse(raw.decode("ascii"))
-        except UnicodeDecodeError:
-            key_id = None
-        entry = self.keys.get(key_id) if key_id else None
-        if entry is None or not hmac.compare_digest(digest, entry.digest):
-            return self._invalid(ctx, "The API key is not valid.")
+        entry = self.verified.get(raw, self.keys)
+        if entry is None:
+            # Hash before looking up so that unknown and wrong keys cost the same.
+            digest = self.hasher.hexdigest(raw)
+            key_id = key_id_of(raw)
+            entry = self.keys.get(key_id) if key_id else None
+            if entry is None or not hmac.compare_digest(digest, entry.digest):
+                return self._invalid(ctx, "The API key is not valid.")
+            self.verified.add(raw, entry)
         if entry.expires_at is not None and entry.expires_at <= ctx.wall_time:
             return self._invalid(ctx, "The API key has expired.")
         ctx.key = entry

@@ -32,7 +32,7 @@ class AuthorizeStage(Stage):
             )
         ]
 
-    async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+    def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         key = ctx.key
         if key is None:  # compiled after authenticate; a key is always set here
             return problem("forbidden", "No consumer.", request_id=ctx.request_id)

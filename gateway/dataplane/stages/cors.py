@@ -193,7 +193,7 @@ class CorsStage(Stage):
             return origin
         return None
 
-    async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+    def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         origin = ctx.header(b"origin")
         if origin is None:
             return None  # not a CORS request

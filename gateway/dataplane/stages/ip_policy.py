@@ -28,7 +28,7 @@ class IpPolicyStage(Stage):
             return False
         return not denied and (not self.allow or self.allow.lookup(ip) is True)
 
-    async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+    def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         if self.permits(ctx.client_ip):
             return None
         ctx.error_kind = "ip_denied"

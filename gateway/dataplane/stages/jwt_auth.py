@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.jwt import JwtError, JwtVerifier, NeedKeys
-from gateway.dataplane.pipeline import Stage
+from gateway.dataplane.pipeline import Stage, settle
 from gateway.dataplane.problems import problem
 from gateway.dataplane.snapshot import KeyEntry
 
@@ -47,7 +47,7 @@ class JwtAuthenticateStage(Stage):
                 token = None
         if token is None:
             if self.keys is not None:
-                return await self.keys.on_request(ctx)
+                return await settle(self.keys.on_request(ctx))
             return problem(
                 "missing-credential",
                 "Send a JWT as Authorization: Bearer <token>.",

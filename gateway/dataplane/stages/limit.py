@@ -7,7 +7,6 @@ from gateway.dataplane.limiter import Decision, Limiter
 from gateway.dataplane.pipeline import Stage
 from gateway.dataplane.problems import problem
 from gateway.dataplane.snapshot import (
-    WINDOW_SECONDS,
     KeyEntry,
     LimitRule,
     RateTemplate,
@@ -39,6 +38,8 @@ class LimitStage(Stage):
         self.route_rates = route_rates
         self.overrides = overrides or {}
         self.per_request = bool(route_rates or self.overrides)
+        # The in-process store answers at once: no coroutine per request (pipeline.py).
+        self._check_now = getattr(limiter, "check_sync", None)
 
     def rules_for(self, ctx: RequestContext, key: KeyEntry | None) -> tuple[LimitRule, ...]:
         """The concrete rules of one request."""
@@ -57,11 +58,28 @@ class LimitStage(Stage):
         templates += self.route_rates
         return base + tuple(resolve_rate(t, key, ctx.client_ip) for t in templates)
 
-    async def on_request(self, ctx: RequestContext) -> LocalResponse | None:
-        rules = self.rules_for(ctx, ctx.key)
+    def on_request(self, ctx: RequestContext):
+        key = ctx.key
+        if key is not None and not (key.ip_rates or self.per_request):
+            rules = key.limits  # the usual case: the plan's rules, resolved in the snapshot
+        else:
+            rules = self.rules_for(ctx, key)
         if not rules:
             return None
-        decision = await self.limiter.check(rules, ctx.wall_time)
+        if self._check_now is None:
+            return self._ask_store(ctx, rules)
+        decision = self._check_now(rules, ctx.wall_time)
+        if decision.allowed:  # the in-process store never fails
+            ctx.response_headers += _headers(rules, decision)
+            return None
+        return self.decide(ctx, rules, decision)
+
+    async def _ask_store(self, ctx: RequestContext, rules) -> LocalResponse | None:
+        return self.decide(ctx, rules, await self.limiter.check(rules, ctx.wall_time))
+
+    def decide(
+        self, ctx: RequestContext, rules: tuple[LimitRule, ...], decision: Decision
+    ) -> LocalResponse | None:
         if decision.store_error:
             ctx.error_kind = "limiter_unavailable"
             if self.fail_closed:
@@ -101,31 +119,21 @@ class LimitStage(Stage):
         )
 
 
-_QUOTA_WINDOW = {"day": 86400, "month": 2_592_000}  # a month's w is nominal (30 d)
-
-
-def _policy_name(rule: LimitRule) -> str:
-    return rule.name or ("rate" if rule.kind == "rate" else f"quota-{rule.period}")
-
-
-def _window(rule: LimitRule) -> int:
-    if rule.kind == "rate":
-        return WINDOW_SECONDS[rule.period]
-    return _QUOTA_WINDOW.get(rule.period, 86400)
-
-
 def _headers(rules: tuple[LimitRule, ...], d: Decision) -> list[tuple[bytes, bytes]]:
     """X-RateLimit-* (de facto) and RateLimit-Policy / RateLimit
     (draft-ietf-httpapi-ratelimit-headers, structured fields) for the tightest rule."""
-    if d.rule is None:
+    rule = d.rule
+    if rule is None:
         return []
-    reset = max(0, int(d.reset + 0.999))
-    remaining = max(0, d.remaining)
-    policies = ", ".join(f'"{_policy_name(r)}";q={r.limit};w={_window(r)}' for r in rules)
+    reset = int(d.reset + 0.999)
+    if reset < 0:
+        reset = 0
+    remaining = d.remaining if d.remaining > 0 else 0
+    policies = rules[0].policy if len(rules) == 1 else b", ".join([r.policy for r in rules])
     return [
-        (b"x-ratelimit-limit", str(d.rule.limit).encode()),
-        (b"x-ratelimit-remaining", str(remaining).encode()),
-        (b"x-ratelimit-reset", str(reset).encode()),
-        (b"ratelimit-policy", policies.encode()),
-        (b"ratelimit", f'"{_policy_name(d.rule)}";r={remaining};t={reset}'.encode()),
+        (b"x-ratelimit-limit", rule.limit_text),
+        (b"x-ratelimit-remaining", b"%d" % remaining),
+        (b"x-ratelimit-reset", b"%d" % reset),
+        (b"ratelimit-policy", policies),
+        (b"ratelimit", b'"%b";r=%d;t=%d' % (rule.label, remaining, reset)),
     ]

@@ -60,6 +60,20 @@ _ASSERTED_PREFIX = b"x-consumer-"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # The upstream's request id is replaced by the gateway's own.
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+# The CORS response headers (Fetch standard): on a route with a CORS policy, the gateway's
+# are the only ones (an upstream's second Allow-Origin would make browsers refuse both).
+_CORS_RESPONSE = frozenset(
+    b"access-control-" + name
+    for name in (
+        b"allow-origin",
+        b"allow-credentials",
+        b"allow-methods",
+        b"allow-headers",
+        b"expose-headers",
+        b"max-age",
+        b"allow-private-network",
+    )
+)
 VIA = "1.1 apigw"  # RFC 9110 §7.6.3: received-protocol and a pseudonym, no version leak
 _VIA = VIA.encode()
 _VIA_RESPONSE = (b"via", _VIA)
@@ -134,6 +148,7 @@ class ProxyHandler:
         # The route's CORS policy speaks for it: an upstream's own Access-Control-* headers
         # would make a second Allow-Origin, which browsers reject.
         self.cors = cors
+        self.not_returned = _NOT_RETURNED | _CORS_RESPONSE if cors else _NOT_RETURNED
 
     def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict:
         """The headers sent upstream, for aiohttp (the WebSocket stage)."""
@@ -214,8 +229,7 @@ class ProxyHandler:
         out.append((b"x-request-id", ctx.request_id.encode("latin-1")))
         key = ctx.key
         if key is not None:
-            out.append((b"x-consumer-id", str(key.consumer_id).encode()))
-            out.append((b"x-consumer-plan", key.plan_slug.encode("latin-1")))
+            out.extend(key.consumer_headers)
         if identity:
             out.append((b"accept-encoding", b"identity"))
         if self.request_headers is not None:
@@ -377,9 +391,8 @@ class ProxyHandler:
                     # half-open trial slot until it ends.
                     balancer.succeeded(target)
                     verdict = "judged"
-                out = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_RETURNED]
-                if self.cors:
-                    out = [(k, v) for k, v in out if not k.lower().startswith(b"access-control-")]
+                not_returned = self.not_returned
+                out = [(k, v) for k, v in resp.raw_headers if k.lower() not in not_returned]
                 if self.response_headers is not None:
                     out = self.response_headers.apply(out, ctx)
                 if self.response_json is not None and is_json(resp.header(b"content-type") or b""):
