@@ -143,6 +143,10 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "db.sqlite3",
+            # Kept open as on PostgreSQL: a new SQLite connection (open, WAL pragma, Django's
+            # functions) holds the GIL for milliseconds, and the gateway's database thread
+            # polls the config twice a second (each one showed as a stall of the event loop).
+            "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
         }
     }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):

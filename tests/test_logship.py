@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.dataplane.logship import EventBuffer, LogShipper
+from gateway.dataplane.logship import (
+    EventBuffer,
+    LogShipper,
+    decode_batch,
+    encode_batch,
+    encode_batch_in_steps,
+)
 
 
 class DownSink:
@@ -49,6 +55,51 @@ def test_shipping_backs_off_while_the_sink_is_down():
     calls = asyncio.run(run())
     # ~0.5 s with backoff 0.05, 0.1, 0.2, 0.4 s: a handful of tries, not one per push.
     assert 1 <= calls <= 10, calls
+
+
+def test_a_steady_trickle_ships_once_per_interval_not_once_per_write():
+    """Events arriving while a batch is written wait for the next interval: a sink that takes
+    20 ms per write under one event per millisecond must not be written back to back."""
+
+    class SlowSink(ListSink):
+        async def write(self, batch):
+            await asyncio.sleep(0.02)
+            await super().write(batch)
+
+    async def run() -> list:
+        buffer = EventBuffer(capacity=10_000, batch_size=1_000)
+        sink = SlowSink()
+        shipper = LogShipper(buffer, sink, interval=0.2)
+        task = asyncio.create_task(shipper.run())
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 0.7
+        i = 0
+        while loop.time() < end and i < 5_000:
+            buffer.push((i,))
+            i += 1
+            await asyncio.sleep(0.001)
+        await shipper.drain()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return sink.batches
+
+    batches = asyncio.run(run())
+    # ~0.7 s at 0.2 s: 3 or 4 interval writes and the drain's; back to back it was ~30.
+    assert 2 <= len(batches) <= 7, [len(b) for b in batches]
+    shipped = [e for b in batches for e in b]
+    assert shipped == sorted(shipped) and len(shipped) == len(set(shipped))
+
+
+def test_a_batch_encoded_in_steps_is_the_batch_encoded_at_once():
+    events = [
+        (f"{i:032x}", 1.5 + i, 1, 2, "/x", None, 3, None, "GET", 200, 0.1, None, 0, 9, "", None)
+        for i in range(250)
+    ]
+    events[7] = (*events[7][:4], 'quote " and \u00e9', *events[7][5:])
+    for batch, step in ((events[:1], 100), (events, 100), (events, 7), (events, 1000)):
+        stepped = asyncio.run(encode_batch_in_steps(batch, step))
+        assert stepped == encode_batch(batch)
+        assert decode_batch(stepped) == decode_batch(encode_batch(batch))
 
 
 def test_batches_ship_in_order_when_the_sink_works():

@@ -73,7 +73,10 @@ _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
 # Stages about HTTP payloads: a WebSocket handshake skips them (its messages are relayed).
 _NOT_FOR_WEBSOCKET = frozenset({"cors", "validate", "transform_request", "cache"})
 RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to build is tried again this often
-BUILD_SWITCH_INTERVAL = 0.0005  # seconds; sys.setswitchinterval while a snapshot builds
+# sys.setswitchinterval of a gateway worker: when a helper thread (the database thread:
+# config polls, quota counters, snapshot builds; the spool writer) runs Python, the event
+# loop waits at most this long for the GIL, not CPython's default 5 ms.
+SWITCH_INTERVAL = 0.0005  # seconds
 
 _date_cache: tuple[int, bytes] = (0, b"")
 
@@ -172,6 +175,7 @@ class GatewayApp:
     # --- start and stop -----------------------------------------------------------------
     async def startup(self) -> None:
         s = self.settings = self.settings or load_settings()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self._ops_port = s.ops_port
         self._trusted_proxies = Networks(ipaddress.ip_network(n) for n in s.trusted_proxies)
         connector = aiohttp.TCPConnector(
@@ -319,11 +323,6 @@ class GatewayApp:
                 upstream_models=load_upstreams(),
             )
 
-        # While the build thread runs, hand the GIL back to the event loop sooner than the
-        # default 5 ms, or every request waits out the build's time slices (bench/snapshot.py:
-        # p99 during rebuilds).
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(BUILD_SWITCH_INTERVAL)
         try:
             snapshot = await self._run_db(build)
         except Exception:
@@ -336,8 +335,6 @@ class GatewayApp:
                     current.keys.clear()  # no await between these two lines
                     current.keys.update(fresh)
             raise
-        finally:
-            sys.setswitchinterval(interval)
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
         self.verified_keys.clear()  # its entries are the old snapshot's: let them go
         self._seen = (epoch, version)

@@ -51,6 +51,21 @@ def encode_batch(batch: list[Event]) -> bytes:
     return json.dumps({"fields": EVENT_FIELDS, "events": batch}, separators=(",", ":")).encode()
 
 
+ENCODE_STEP = 100  # events encoded between two yields to the event loop (~0.2-0.4 ms)
+_BATCH_HEAD = b'{"fields":' + json.dumps(EVENT_FIELDS, separators=(",", ":")).encode()
+
+
+async def encode_batch_in_steps(batch: list[Event], step: int = ENCODE_STEP) -> bytes:
+    """encode_batch(), the same bytes, a slice at a time with the loop let run in between:
+    1,000 events in one go held every request up for 2-4 ms (the p99 at half load)."""
+    parts = []
+    for i in range(0, len(batch), step):
+        if i:
+            await asyncio.sleep(0)
+        parts.append(json.dumps(batch[i : i + step], separators=(",", ":"))[1:-1])
+    return _BATCH_HEAD + b',"events":[' + ",".join(parts).encode() + b"]}"
+
+
 def decode_batch(raw: bytes | str) -> list[dict]:
     """The events of an encoded batch as dicts; raises ValueError if it is not one."""
     doc = json.loads(raw)
@@ -115,8 +130,9 @@ class SpoolSink:
         os.replace(tmp, self.dir / name)
 
     async def write(self, batch: list[Event]) -> None:
-        # Encoded here, on the loop: a thread would hold the GIL just as long, plus handoffs.
-        data = encode_batch(batch)
+        # Encoded on the loop, in steps: a thread would hold the GIL just as long, plus
+        # handoffs.
+        data = await encode_batch_in_steps(batch)
         await asyncio.get_running_loop().run_in_executor(self._executor, self._write, data)
 
 
@@ -146,7 +162,8 @@ class RedisStreamSink:
         self._xadd = client.register_script(_XADD_BELOW_CAP)
 
     async def write(self, batch: list[Event]) -> None:
-        added = await self._xadd(keys=[self.stream], args=[encode_batch(batch), self.maxlen])
+        data = await encode_batch_in_steps(batch)
+        added = await self._xadd(keys=[self.stream], args=[data, self.maxlen])
         if not added:
             raise StreamFull(
                 f"stream {self.stream} holds {self.maxlen} unconsumed batches; is ingest running?"
@@ -168,7 +185,11 @@ class LogShipper:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(buffer.batch_ready.wait(), self.interval)
             buffer.batch_ready.clear()
-            while len(buffer):
+            # What is here now goes out, and then only full batches: events that arrive
+            # while a batch is being written wait for the next interval (or to fill a batch),
+            # or under a steady load every write would be a small one, back to back.
+            due = len(buffer)
+            while due > 0 or len(buffer) >= buffer.batch_size:
                 if not await self.ship_once():
                     # The sink is down: wait before trying again (a full buffer sets
                     # batch_ready on every request, which would make this a busy loop).
@@ -176,6 +197,7 @@ class LogShipper:
                     await asyncio.sleep(backoff)
                     break
                 backoff = 0.0
+                due -= buffer.batch_size
 
     async def ship_once(self) -> bool:
         batch = self.buffer.take()
