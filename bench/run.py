@@ -747,14 +747,30 @@ def render(
             f"## Added latency at fixed request rates (open loop, {tool}, "
             f"{args.fixed_duration:g} s per run)",
             "",
-            "| rate | target | achieved rps | p50 | p90 | p99 | max | added p50 | added p99 "
-            "| statuses | errors |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+            "Medians over the rounds; *added* is worked out per round against that round's "
+            "direct run, then the median taken:",
+            "",
+            "| rate | target | p50 | p99 | added p50 | added p99 | added p99, each round |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
         ]
-        direct = {f["rate"]: f for f in fixed if f["target"] == "direct"}
+        for rate, name, row in fixed_medians(fixed):
+            each = ", ".join(ms(x) for x in row["added_p99"]) or "–"
+            out.append(
+                f"| {rate:g} | {name} | {ms(row['p50'])} | {ms(row['p99'])} | "
+                f"{ms(row['added_p50_median'])} | {ms(row['added_p99_median'])} | {each} |"
+            )
+        out += [
+            "",
+            "### Every fixed-rate run",
+            "",
+            "| rate | round | target | achieved rps | p50 | p90 | p99 | max | added p50 "
+            "| added p99 | statuses | errors |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        ]
+        direct = {(f["rate"], f.get("round", 1)): f for f in fixed if f["target"] == "direct"}
         for f in fixed:
             lat = f["latency_ms"]
-            base = direct.get(f["rate"])
+            base = direct.get((f["rate"], f.get("round", 1)))
             add50 = add99 = "–"
             if base is not None and f["target"] != "direct":
                 add50 = ms(lat["p50"] - base["latency_ms"]["p50"])
@@ -763,13 +779,14 @@ def render(
             errors = ", ".join(f"{k}: {v}" for k, v in f["errors"].items() if v) or "0"
             achieved = f["achieved_send_rps"]
             out.append(
-                f"| {f['rate']:g} | {f['target']} | {achieved:,.0f} | {ms(lat['p50'])} | "
-                f"{ms(lat['p90'])} | {ms(lat['p99'])} | {ms(lat.get('max'))} | {add50} | "
-                f"{add99} | {statuses} | {errors} |"
+                f"| {f['rate']:g} | {f.get('round', 1)} | {f['target']} | {achieved:,.0f} | "
+                f"{ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} | "
+                f"{ms(lat.get('max'))} | {add50} | {add99} | {statuses} | {errors} |"
             )
         if tool == "openloop.py":
             lags = ", ".join(
-                f"{f['target']}@{f['rate']:g}: {ms(f['send_lag_ms']['p99'])}" for f in fixed
+                f"{f['target']}@{f['rate']:g}#{f.get('round', 1)}: {ms(f['send_lag_ms']['p99'])}"
+                for f in fixed
             )
             out += [
                 "",
@@ -778,8 +795,9 @@ def render(
                 "answers do, and "
                 "times each request from that intended send time to the end of its body, so "
                 "client lag and server queueing both count (no coordinated omission). The "
-                "client's own cost (Python, and a ~1 ms timer granularity that makes some sends "
-                "late) is in every number, so differences below ~0.1 ms are noise; "
+                "client's own cost (Python; it polls between sends less than 1 ms apart, at "
+                "nice 19 so that the upstream sharing its core is not kept waiting) is in "
+                "every number, so differences below ~0.1 ms are noise; "
                 "*added p50/p99* = the target's percentile minus the direct upstream's at the "
                 "same rate, which cancels most of it: that is the latency the hop adds. "
                 "Percentiles of a difference are not the difference of percentiles; at p99 "
@@ -789,6 +807,41 @@ def render(
     out += ["", "## Checks", ""]
     out += [f"- {c}" for c in checks]
     return "\n".join(out) + "\n"
+
+
+def fixed_medians(fixed: list[dict]) -> list[tuple[float, str, dict]]:
+    """Per (rate, target): median p50/p99 over rounds, and the added latency against the
+    same round's direct run (per round, then the median)."""
+    direct = {(f["rate"], f.get("round", 1)): f for f in fixed if f["target"] == "direct"}
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for f in fixed:
+        groups.setdefault((f["rate"], f["target"]), []).append(f)
+    rows = []
+    for (rate, name), fs in groups.items():
+        p50 = [f["latency_ms"]["p50"] for f in fs if f["latency_ms"]["p50"] is not None]
+        p99 = [f["latency_ms"]["p99"] for f in fs if f["latency_ms"]["p99"] is not None]
+        add50, add99 = [], []
+        for f in fs:
+            base = direct.get((rate, f.get("round", 1)))
+            if name == "direct" or base is None or f["latency_ms"]["p99"] is None:
+                continue
+            add50.append(f["latency_ms"]["p50"] - base["latency_ms"]["p50"])
+            add99.append(f["latency_ms"]["p99"] - base["latency_ms"]["p99"])
+        rows.append(
+            (
+                rate,
+                name,
+                {
+                    "p50": median(p50) if p50 else None,
+                    "p99": median(p99) if p99 else None,
+                    "added_p50": add50,
+                    "added_p99": add99,
+                    "added_p50_median": median(add50) if add50 else None,
+                    "added_p99_median": median(add99) if add99 else None,
+                },
+            )
+        )
+    return rows
 
 
 def spool_summary(spool: Path) -> tuple[int, Counter, Counter]:
@@ -824,6 +877,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--fixed-duration", type=float, default=10, help="seconds per fixed-rate run")
     p.add_argument(
+        "--fixed-rounds",
+        type=int,
+        default=3,
+        help="fixed-rate rounds per target and rate, order rotated; medians (default 3)",
+    )
+    p.add_argument(
         "--wait-quiet",
         type=float,
         default=30,
@@ -850,6 +909,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 50:
         p.error("--rounds must be 1..50")
+    if not 1 <= args.fixed_rounds <= 20:
+        p.error("--fixed-rounds must be 1..20")
     if not 1 <= args.duration <= 600 or not 1 <= args.fixed_duration <= 600:
         p.error("durations must be 1..600 s")
     if not 0 <= args.wait_quiet <= 3600:
@@ -1016,14 +1077,18 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
         if gw:
             rates.append(min(OPENLOOP_MAX_RPS, round(median(gw) / 2, -1)))
     for rate in rates:
-        for t in targets:
-            f = runner.fixed_rate(t, rate, args.fixed_duration)
-            fixed.append(f)
-            lat = f["latency_ms"]
-            log(
-                f"fixed {rate:g} rps {t.name:8} p50 {ms(lat['p50'])}  p99 {ms(lat['p99'])}  "
-                f"statuses {f['statuses']} errors {f['errors']}"
-            )
+        # Rounds as for wrk: order rotated, so no target always runs first or after another.
+        for rnd in range(1, args.fixed_rounds + 1):
+            shift = (rnd - 1) % len(targets)
+            for t in targets[shift:] + targets[:shift]:
+                f = runner.fixed_rate(t, rate, args.fixed_duration)
+                f["round"] = rnd
+                fixed.append(f)
+                lat = f["latency_ms"]
+                log(
+                    f"fixed {rate:g} rps round {rnd} {t.name:8} p50 {ms(lat['p50'])}  "
+                    f"p99 {ms(lat['p99'])}  statuses {f['statuses']} errors {f['errors']}"
+                )
 
     # Stop the gateway now: on SIGTERM it drains its log buffer into the spool, which is the
     # gateway's own record of every status it answered.
