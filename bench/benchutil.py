@@ -1,7 +1,9 @@
-"""What the bench scripts share: a free loopback port, the embedded-defaults environment."""
+"""What the bench scripts share: a free loopback port, the embedded-defaults environment, a
+percentile."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -24,3 +26,11 @@ def embedded_env(var_dir: str, **extra: str) -> dict[str, str]:
     }
     env.update(VAR_DIR=var_dir, PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]

@@ -31,24 +31,16 @@ import argparse
 import asyncio
 import collections
 import json
-import math
 import os
 import sys
 import time
 from urllib.parse import urlsplit
 
 import httptools
+from benchutil import percentile  # bench/ is on sys.path
 
 # perf_counter, not loop.time(): uvloop's loop clock has a 1 ms resolution.
 CLOCK = time.perf_counter
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 class _Conn(asyncio.Protocol):

@@ -23,6 +23,7 @@ the end; every process started is stopped, also on Ctrl-C. Writes bench/results/
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -43,7 +44,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from benchutil import free_port  # noqa: E402 - bench/ is on sys.path
+from benchutil import free_port, percentile  # noqa: E402 - bench/ is on sys.path
 
 OPENLOOP_MAX_RPS = 15_000  # what bench/openloop.py was seen to hold on one core
 
@@ -344,6 +345,23 @@ PROXY_SERVER = """\
             proxy_set_header Connection "";
         }
     }"""
+
+
+def chain_servers(ports: list[int], upstream_port: int) -> str:
+    """nginx proxy_pass through len(ports) hops inside one worker: ports[0] proxies to
+    ports[1], ..., the last to the upstream, each hop over keep-alive connections. Each hop
+    costs the worker another proxy's CPU, so a few of them make a C proxy that spends about
+    what the gateway spends per request, with the same two cross-core hops (client -> server
+    core -> upstream and back): a control for latency at the same share of one core."""
+    blocks = []
+    for i, port in enumerate(ports):
+        nxt = ports[i + 1] if i + 1 < len(ports) else upstream_port
+        blocks.append(
+            PROXY_SERVER.replace("bench_upstream", f"hop{i}")
+            .replace("@UPSTREAM_PORT@", str(nxt))
+            .replace("@PORT@", str(port))
+        )
+    return "\n".join(blocks)
 
 
 def nginx_conf(directory: Path, server: str, **values: int | str) -> Path:
@@ -750,22 +768,39 @@ def render(
             "Medians over the rounds; *added* is worked out per round against that round's "
             "direct run, then the median taken:",
             "",
-            "| rate | target | p50 | p99 | added p50 | added p99 | added p99, each round |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+            "| rate | target | p50 | p99 | added p50 | added p99 | added p99, each round "
+            "| inside the gateway p50 / p99 | gateway's own p99 |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         ]
         for rate, name, row in fixed_medians(fixed):
             each = ", ".join(ms(x) for x in row["added_p99"]) or "–"
+            inside = own = "–"
+            if row["inside_p99"] is not None:
+                inside = f"{ms(row['inside_p50'])} / {ms(row['inside_p99'])}"
+                own = ms(row["own_p99"])
             out.append(
                 f"| {rate:g} | {name} | {ms(row['p50'])} | {ms(row['p99'])} | "
-                f"{ms(row['added_p50_median'])} | {ms(row['added_p99_median'])} | {each} |"
+                f"{ms(row['added_p50_median'])} | {ms(row['added_p99_median'])} | {each} | "
+                f"{inside} | {own} |"
             )
+        out += [
+            "",
+            "*Inside the gateway* is the gateway's own record of the same requests (its log "
+            "events: `ms`, from the request's context being made, once the head is parsed, to "
+            "the response's last byte handed to the socket), and *own* that minus the time "
+            "spent waiting for the upstream (`up_ms`): its pipeline and event-loop queueing. "
+            "What the client saw beyond *inside* went by outside the worker's Python code: the "
+            "loopback hops, and a request waiting in a socket until the worker's core woke "
+            "and its loop read it.",
+        ]
         out += [
             "",
             "### Every fixed-rate run",
             "",
             "| rate | round | target | achieved rps | p50 | p90 | p99 | max | added p50 "
-            "| added p99 | statuses | errors |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+            "| added p99 | inside p50 / p90 / p99 | own p99 | statuses | errors |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| --- | --- |",
         ]
         direct = {(f["rate"], f.get("round", 1)): f for f in fixed if f["target"] == "direct"}
         for f in fixed:
@@ -778,10 +813,16 @@ def render(
             statuses = ", ".join(f"{k}: {v:,}" for k, v in f["statuses"].items()) or "–"
             errors = ", ".join(f"{k}: {v}" for k, v in f["errors"].items() if v) or "0"
             achieved = f["achieved_send_rps"]
+            inside = own = "–"
+            if "gateway_ms" in f:
+                g = f["gateway_ms"]
+                inside = " / ".join(ms(g["total"][q]) for q in ("p50", "p90", "p99"))
+                own = ms(g["own"]["p99"])
             out.append(
                 f"| {f['rate']:g} | {f.get('round', 1)} | {f['target']} | {achieved:,.0f} | "
                 f"{ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} | "
-                f"{ms(lat.get('max'))} | {add50} | {add99} | {statuses} | {errors} |"
+                f"{ms(lat.get('max'))} | {add50} | {add99} | {inside} | {own} | {statuses} "
+                f"| {errors} |"
             )
         if tool == "openloop.py":
             lags = ", ".join(
@@ -838,6 +879,7 @@ def fixed_medians(fixed: list[dict]) -> list[tuple[float, str, dict]]:
                     "added_p99": add99,
                     "added_p50_median": median(add50) if add50 else None,
                     "added_p99_median": median(add99) if add99 else None,
+                    **inside_medians(fs),
                 },
             )
         )
@@ -860,6 +902,53 @@ def spool_summary(spool: Path) -> tuple[int, Counter, Counter]:
                 if event.get("err"):
                     errors[event["err"]] += 1
     return total, statuses, errors
+
+
+def inside_medians(fs: list[dict]) -> dict:
+    """Medians over rounds of the gateway's own view (inside_gateway()); None if it has none."""
+    views = [f["gateway_ms"] for f in fs if f.get("gateway_ms", {}).get("events")]
+
+    def med(part: str, q: str) -> float | None:
+        return median([v[part][q] for v in views]) if views else None
+
+    return {
+        "inside_p50": med("total", "p50"),
+        "inside_p99": med("total", "p99"),
+        "own_p99": med("own", "p99"),
+    }
+
+
+def inside_gateway(spool: Path, fixed: list[dict]) -> None:
+    """Adds to each fixed-rate run against the gateway its latency as the gateway itself
+    measured it, from its log events (`ms`: request context made -> response written; `up_ms`:
+    the upstream's part): f["gateway_ms"] = {"events", "total": {p50, p90, p99}, "own": ...}.
+
+    Client latency minus this is what the gateway did not see: the network hops, the time a
+    request waited in a socket before the worker's event loop read it (and the core woke
+    up), and the client's own lateness."""
+    runs = [f for f in fixed if f["target"].startswith("gateway") and "window" in f]
+    if not runs or not spool.is_dir():
+        return
+    from gateway.dataplane.logship import decode_batch
+
+    events = []
+    for path in sorted(spool.glob("[0-9]*.json")):
+        for e in decode_batch(path.read_bytes()):
+            if isinstance(e.get("t"), int | float) and isinstance(e.get("ms"), int | float):
+                up = e.get("up_ms")
+                events.append((e["t"], e["ms"], e["ms"] - up if up is not None else e["ms"]))
+    events.sort()
+    times = [e[0] for e in events]
+    for f in runs:
+        lo, hi = f["window"]
+        chosen = events[bisect.bisect_left(times, lo) : bisect.bisect_right(times, hi)]
+        total = sorted(e[1] for e in chosen)
+        own = sorted(e[2] for e in chosen)
+        f["gateway_ms"] = {
+            "events": len(chosen),
+            "total": {f"p{q}": percentile(total, q) for q in (50, 90, 99)},
+            "own": {f"p{q}": percentile(own, q) for q in (50, 90, 99)},
+        }
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -899,7 +988,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         default="",
         help="comma-separated gateway targets to run (gateway-bare, gateway, gateway-cache-hit)"
-        "; direct and nginx always run. For a profile of one path.",
+        "; direct and nginx always run (and nginx-chain unless --chain-hops 0). For a "
+        "profile of one path.",
+    )
+    p.add_argument(
+        "--chain-hops",
+        type=int,
+        default=4,
+        help="proxy hops of the nginx-chain target, a C proxy costing about the gateway's CPU "
+        "per request (default 4; 0: no such target)",
     )
     p.add_argument(
         "--profile",
@@ -917,6 +1014,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--wait-quiet must be 0..3600 s")
     if not 1 <= args.connections <= 10_000:
         p.error("--connections must be 1..10000")
+    if not 0 <= args.chain_hops <= 32:
+        p.error("--chain-hops must be 0..32")
     try:
         items = [r.strip() for r in args.rates.split(",") if r.strip()]
         args.half = "half" in items
@@ -981,6 +1080,13 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     px_dir = tmp / "proxy"
     conf = nginx_conf(px_dir, PROXY_SERVER, port=proxy_port, upstream_port=upstream_port)
     proxy = start_nginx(procs, tools, "proxy", px_dir, conf, server_core)
+    chain = None
+    if args.chain_hops:
+        log(f"nginx proxy_pass chain, {args.chain_hops} hops")
+        chain_ports = [free_port() for _ in range(args.chain_hops)]
+        ch_dir = tmp / "chain"
+        conf = nginx_conf(ch_dir, chain_servers(chain_ports, upstream_port))
+        chain = start_nginx(procs, tools, "chain", ch_dir, conf, server_core)
 
     log("database: migrate, seeddemo, bench plan, API key")
     key = prepare_database(env, upstream_port, policies=not args.without_policies)
@@ -1008,6 +1114,8 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     base = "http://127.0.0.1:{}" + PATH
     wait_http(procs, upstream, "upstream", base.format(upstream_port))
     wait_http(procs, proxy, "proxy", base.format(proxy_port))
+    if chain is not None:
+        wait_http(procs, chain, "chain", base.format(chain_ports[0]))
     wait_http(procs, gateway, "gateway", base.format(gateway_port), {"X-API-Key": key})
     status, _ = http_get(base.format(gateway_port))
     if status != 401:
@@ -1016,6 +1124,21 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     targets = [
         Target("direct", base.format(upstream_port), [], upstream, "the upstream nginx"),
         Target("nginx", base.format(proxy_port), [], proxy, "nginx proxy_pass, keep-alive 64"),
+        *(
+            [
+                Target(
+                    "nginx-chain",
+                    base.format(chain_ports[0]),
+                    [],
+                    chain,
+                    f"nginx proxy_pass through {args.chain_hops} hops in one worker (a C "
+                    "proxy made to spend about the gateway's CPU per request: the control "
+                    "for latency at the same load on its core)",
+                )
+            ]
+            if chain is not None
+            else []
+        ),
         Target(
             "gateway-bare",
             f"http://127.0.0.1:{gateway_port}/bare/anything",
@@ -1043,12 +1166,12 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     if args.without_policies:
         targets = [t for t in targets if t.name != "gateway-cache-hit"]
     if args.only:
-        wanted = {"direct", "nginx", *args.only.split(",")}
+        wanted = {"direct", "nginx", "nginx-chain", *args.only.split(",")}
         unknown = wanted - {t.name for t in targets}
         if unknown:
             raise BenchError(f"--only: no target {', '.join(sorted(unknown))}")
         targets = [t for t in targets if t.name in wanted]
-    servers = {upstream.pid, proxy.pid, gateway.pid}
+    servers = {upstream.pid, proxy.pid, gateway.pid} | ({chain.pid} if chain else set())
     runner = Runner(procs, tools, (server_core, load_core), servers, args)
     runner.sent_to_gateway = 2  # the readiness and 401 checks
 
@@ -1081,8 +1204,10 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
         for rnd in range(1, args.fixed_rounds + 1):
             shift = (rnd - 1) % len(targets)
             for t in targets[shift:] + targets[:shift]:
+                window_start = time.time()
                 f = runner.fixed_rate(t, rate, args.fixed_duration)
                 f["round"] = rnd
+                f["window"] = (window_start, time.time())
                 fixed.append(f)
                 lat = f["latency_ms"]
                 log(
@@ -1125,6 +1250,7 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     elif fixed:
         checks.append("Fixed-rate runs: every response was a 200.")
     total, statuses, errs = spool_summary(var_dir / "spool")
+    inside_gateway(var_dir / "spool", fixed)
     status_text = ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items(), key=str))
     checks.append(
         f"Gateway log events (its own record, from the spool): {total:,}, by status: "
