@@ -768,9 +768,9 @@ def render(
             "Medians over the rounds; *added* is worked out per round against that round's "
             "direct run, then the median taken:",
             "",
-            "| rate | target | p50 | p99 | added p50 | added p99 | added p99, each round "
-            "| inside the gateway p50 / p99 | gateway's own p99 |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+            "| rate | target | server CPU | µs/req | p50 | p99 | added p50 | added p99 "
+            "| added p99, each round | inside the gateway p50 / p99 | gateway's own p99 |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         ]
         for rate, name, row in fixed_medians(fixed):
             each = ", ".join(ms(x) for x in row["added_p99"]) or "–"
@@ -779,11 +779,17 @@ def render(
                 inside = f"{ms(row['inside_p50'])} / {ms(row['inside_p99'])}"
                 own = ms(row["own_p99"])
             out.append(
-                f"| {rate:g} | {name} | {ms(row['p50'])} | {ms(row['p99'])} | "
-                f"{ms(row['added_p50_median'])} | {ms(row['added_p99_median'])} | {each} | "
-                f"{inside} | {own} |"
+                f"| {rate:g} | {name} | {row['cpu_pct']:.0f}% | {row['cpu_us_per_req']:.0f} | "
+                f"{ms(row['p50'])} | {ms(row['p99'])} | {ms(row['added_p50_median'])} | "
+                f"{ms(row['added_p99_median'])} | {each} | {inside} | {own} |"
             )
         out += [
+            "",
+            "*Server CPU* is the target's CPU time over the run's wall time (100% = its core "
+            "saturated) and *µs/req* that CPU time per completed request, medians over the "
+            "rounds: at a fixed rate a request costs more than at saturation (wrk's table), "
+            "where one wake-up of the server serves many requests; so half the maximum rate "
+            "can be well over half of the core.",
             "",
             "*Inside the gateway* is the gateway's own record of the same requests (its log "
             "events: `ms`, from the request's context being made, once the head is parsed, to "
@@ -797,10 +803,10 @@ def render(
             "",
             "### Every fixed-rate run",
             "",
-            "| rate | round | target | achieved rps | p50 | p90 | p99 | max | added p50 "
-            "| added p99 | inside p50 / p90 / p99 | own p99 | statuses | errors |",
+            "| rate | round | target | achieved rps | server CPU | p50 | p90 | p99 | max "
+            "| added p50 | added p99 | inside p50 / p90 / p99 | own p99 | statuses | errors |",
             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-            "| --- | --- |",
+            "| ---: | --- | --- |",
         ]
         direct = {(f["rate"], f.get("round", 1)): f for f in fixed if f["target"] == "direct"}
         for f in fixed:
@@ -818,9 +824,10 @@ def render(
                 g = f["gateway_ms"]
                 inside = " / ".join(ms(g["total"][q]) for q in ("p50", "p90", "p99"))
                 own = ms(g["own"]["p99"])
+            cpu = cpu_medians([f])["cpu_pct"]
             out.append(
                 f"| {f['rate']:g} | {f.get('round', 1)} | {f['target']} | {achieved:,.0f} | "
-                f"{ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} | "
+                f"{cpu:.0f}% | {ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} | "
                 f"{ms(lat.get('max'))} | {add50} | {add99} | {inside} | {own} | {statuses} "
                 f"| {errors} |"
             )
@@ -880,6 +887,7 @@ def fixed_medians(fixed: list[dict]) -> list[tuple[float, str, dict]]:
                     "added_p50_median": median(add50) if add50 else None,
                     "added_p99_median": median(add99) if add99 else None,
                     **inside_medians(fs),
+                    **cpu_medians(fs),
                 },
             )
         )
@@ -902,6 +910,21 @@ def spool_summary(spool: Path) -> tuple[int, Counter, Counter]:
                 if event.get("err"):
                     errors[event["err"]] += 1
     return total, statuses, errors
+
+
+def cpu_medians(fs: list[dict]) -> dict:
+    """Medians over rounds of the target's CPU: % of one core, and µs per completed request."""
+    pct, per_req = [], []
+    for f in fs:
+        u = f.get("usage") or {}
+        if u.get("wall_s"):
+            pct.append(u["target_cpu_s"] / u["wall_s"] * 100)
+        if u and f.get("completed"):
+            per_req.append(u["target_cpu_s"] / f["completed"] * 1e6)
+    return {
+        "cpu_pct": median(pct) if pct else 0.0,
+        "cpu_us_per_req": median(per_req) if per_req else 0.0,
+    }
 
 
 def inside_medians(fs: list[dict]) -> dict:

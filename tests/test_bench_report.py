@@ -89,6 +89,9 @@ def test_fixed_medians_subtract_each_rounds_own_direct_run(bench_run):
             "total": {"p50": 0.1, "p90": 0.2, "p99": inside},
             "own": {"p50": 0.05, "p90": 0.1, "p99": inside / 2},
         }
+    for f, cpu_s in zip(fixed, (0.1, 0.1, 0.1, 3.0, 2.0, 4.0), strict=True):
+        f["completed"] = 10_000
+        f["usage"] = {"wall_s": 6.0, "target_cpu_s": cpu_s}
     rows = {name: row for _, name, row in bench_run.fixed_medians(fixed)}
 
     gw = rows["gateway"]
@@ -99,6 +102,9 @@ def test_fixed_medians_subtract_each_rounds_own_direct_run(bench_run):
     assert gw["inside_p99"] == pytest.approx(0.5)
     assert gw["own_p99"] == pytest.approx(0.25)
     assert rows["direct"]["added_p99"] == [] and rows["direct"]["inside_p99"] is None
+    # CPU: the median round used 3.0 s of CPU in 6 s (50 % of a core), 300 µs per request.
+    assert gw["cpu_pct"] == pytest.approx(50.0)
+    assert gw["cpu_us_per_req"] == pytest.approx(300.0)
 
 
 def test_percentile_is_nearest_rank(bench_run):
