@@ -357,18 +357,21 @@ def chain_servers(ports: list[int], upstream_port: int) -> str:
     for i, port in enumerate(ports):
         nxt = ports[i + 1] if i + 1 < len(ports) else upstream_port
         blocks.append(
-            PROXY_SERVER.replace("bench_upstream", f"hop{i}")
-            .replace("@UPSTREAM_PORT@", str(nxt))
-            .replace("@PORT@", str(port))
+            fill(PROXY_SERVER.replace("bench_upstream", f"hop{i}"), port=port, upstream_port=nxt)
         )
     return "\n".join(blocks)
 
 
+def fill(template: str, **values: int | str) -> str:
+    """The template with each @NAME@ replaced by values[name]."""
+    for key, value in values.items():
+        template = template.replace(f"@{key.upper()}@", str(value))
+    return template
+
+
 def nginx_conf(directory: Path, server: str, **values: int | str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    for key, value in values.items():
-        server = server.replace(f"@{key.upper()}@", str(value))
-    text = NGINX_MAIN.replace("@SERVER@", server).replace("@DIR@", str(directory))
+    text = NGINX_MAIN.replace("@SERVER@", fill(server, **values)).replace("@DIR@", str(directory))
     path = directory / "nginx.conf"
     path.write_text(text)
     return path
@@ -794,7 +797,8 @@ def render(
             "*Inside the gateway* is the gateway's own record of the same requests (its log "
             "events: `ms`, from the request's context being made, once the head is parsed, to "
             "the response's last byte handed to the socket), and *own* that minus the time "
-            "spent waiting for the upstream (`up_ms`): its pipeline and event-loop queueing. "
+            "spent waiting for the upstream (`up_ms`): the pipeline's own work (the event "
+            "loop's delays in getting back to a request fall into `up_ms` or outside). "
             "What the client saw beyond *inside* went by outside the worker's Python code: the "
             "loopback hops, and a request waiting in a socket until the worker's core woke "
             "and its loop read it.",
@@ -894,22 +898,23 @@ def fixed_medians(fixed: list[dict]) -> list[tuple[float, str, dict]]:
     return rows
 
 
-def spool_summary(spool: Path) -> tuple[int, Counter, Counter]:
-    statuses: Counter = Counter()
-    errors: Counter = Counter()
-    total = 0
-    if spool.is_dir():
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        from gateway.dataplane.logship import decode_batch
+def spool_events(spool: Path) -> list[dict]:
+    """Every log event the gateway wrote to its spool (finished files only, as ingest reads)."""
+    if not spool.is_dir():
+        return []
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from gateway.dataplane.logship import decode_batch
 
-        for path in sorted(spool.glob("[0-9]*.json")):
-            for event in decode_batch(path.read_bytes()):
-                total += 1
-                statuses[event.get("status")] += 1
-                if event.get("err"):
-                    errors[event["err"]] += 1
-    return total, statuses, errors
+    return [
+        e for path in sorted(spool.glob("[0-9]*.json")) for e in decode_batch(path.read_bytes())
+    ]
+
+
+def spool_summary(events: list[dict]) -> tuple[int, Counter, Counter]:
+    statuses: Counter = Counter(e.get("status") for e in events)
+    errors: Counter = Counter(e["err"] for e in events if e.get("err"))
+    return len(events), statuses, errors
 
 
 def cpu_medians(fs: list[dict]) -> dict:
@@ -941,7 +946,7 @@ def inside_medians(fs: list[dict]) -> dict:
     }
 
 
-def inside_gateway(spool: Path, fixed: list[dict]) -> None:
+def inside_gateway(spool_events: list[dict], fixed: list[dict]) -> None:
     """Adds to each fixed-rate run against the gateway its latency as the gateway itself
     measured it, from its log events (`ms`: request context made -> response written; `up_ms`:
     the upstream's part): f["gateway_ms"] = {"events", "total": {p50, p90, p99}, "own": ...}.
@@ -950,16 +955,13 @@ def inside_gateway(spool: Path, fixed: list[dict]) -> None:
     request waited in a socket before the worker's event loop read it (and the core woke
     up), and the client's own lateness."""
     runs = [f for f in fixed if f["target"].startswith("gateway") and "window" in f]
-    if not runs or not spool.is_dir():
+    if not runs:
         return
-    from gateway.dataplane.logship import decode_batch
-
     events = []
-    for path in sorted(spool.glob("[0-9]*.json")):
-        for e in decode_batch(path.read_bytes()):
-            if isinstance(e.get("t"), int | float) and isinstance(e.get("ms"), int | float):
-                up = e.get("up_ms")
-                events.append((e["t"], e["ms"], e["ms"] - up if up is not None else e["ms"]))
+    for e in spool_events:
+        if isinstance(e.get("t"), int | float) and isinstance(e.get("ms"), int | float):
+            up = e.get("up_ms")
+            events.append((e["t"], e["ms"], e["ms"] - up if up is not None else e["ms"]))
     events.sort()
     times = [e[0] for e in events]
     for f in runs:
@@ -1147,21 +1149,6 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     targets = [
         Target("direct", base.format(upstream_port), [], upstream, "the upstream nginx"),
         Target("nginx", base.format(proxy_port), [], proxy, "nginx proxy_pass, keep-alive 64"),
-        *(
-            [
-                Target(
-                    "nginx-chain",
-                    base.format(chain_ports[0]),
-                    [],
-                    chain,
-                    f"nginx proxy_pass through {args.chain_hops} hops in one worker (a C "
-                    "proxy made to spend about the gateway's CPU per request: the control "
-                    "for latency at the same load on its core)",
-                )
-            ]
-            if chain is not None
-            else []
-        ),
         Target(
             "gateway-bare",
             f"http://127.0.0.1:{gateway_port}/bare/anything",
@@ -1186,6 +1173,13 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
             "hit, log, metrics; no upstream call)",
         ),
     ]
+    if chain is not None:
+        describe = (
+            f"nginx proxy_pass through {args.chain_hops} hops in one worker (a C proxy made to "
+            "spend about the gateway's CPU per request at saturation: the control for latency "
+            "at a similar load on its core)"
+        )
+        targets.insert(2, Target("nginx-chain", base.format(chain_ports[0]), [], chain, describe))
     if args.without_policies:
         targets = [t for t in targets if t.name != "gateway-cache-hit"]
     if args.only:
@@ -1272,8 +1266,9 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
         )
     elif fixed:
         checks.append("Fixed-rate runs: every response was a 200.")
-    total, statuses, errs = spool_summary(var_dir / "spool")
-    inside_gateway(var_dir / "spool", fixed)
+    events = spool_events(var_dir / "spool")
+    total, statuses, errs = spool_summary(events)
+    inside_gateway(events, fixed)
     status_text = ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items(), key=str))
     checks.append(
         f"Gateway log events (its own record, from the spool): {total:,}, by status: "

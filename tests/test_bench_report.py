@@ -62,7 +62,7 @@ def test_inside_gateway_takes_each_runs_events_from_its_time_window(bench_run, t
         run("gateway-cache-hit", 1, 1.0, 2.0, window=(200, 210)),
         run("gateway", 2, 1.0, 2.0),  # no window recorded: left alone
     ]
-    bench_run.inside_gateway(spool, fixed)
+    bench_run.inside_gateway(bench_run.spool_events(spool), fixed)
 
     assert "gateway_ms" not in fixed[0] and "gateway_ms" not in fixed[3]
     a_view = fixed[1]["gateway_ms"]
