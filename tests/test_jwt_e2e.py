@@ -183,7 +183,13 @@ def test_a_rotated_signing_key_is_fetched_on_first_sight_of_its_kid(stack, jwt_a
 
 
 def test_jwt_consumers_are_rate_limited_per_subject(stack, jwt_api, idp, live):
-    set_rate_limit(plan=live.free, limit=2, window="minute", burst=1)
+    # An hour's window, not a minute's: the gateway process outlives each test's database,
+    # whose flush reuses consumer and plan ids, so this consumer's minute counter still holds
+    # the earlier tests' requests (up to a second ahead under the Free plan's 1000/minute).
+    # Its first admission under the new rule then leaves a refusal window of only that
+    # residue, and the last request could land after it. No earlier JWT request used an
+    # hour counter; once two are admitted, the next 1,800 s are refused.
+    set_rate_limit(plan=live.free, limit=2, window="hour", burst=1)
     wait_until(
         lambda: _get(stack, "/demo/x", idp.token()).headers.get("x-ratelimit-limit") == "2",
         timeout=10,
