@@ -98,6 +98,8 @@ bench: install-dev
 	$(PY) bench/run.py
 	@echo "=== server x upstream client, a minimal proxy on each (bench/stacks.py)"
 	@$(PY) bench/stacks.py
+	@echo "=== 1 vs 2 gateway workers on Redis (bench/scaling.py)"
+	@$(PY) bench/scaling.py
 	@echo "=== snapshot and router at scale (bench/snapshot.py)"
 	@env -u DATABASE_URL -u REDIS_URL $(PY) bench/snapshot.py
 	@echo "=== 1 GiB streamed each way (bench/stream.py)"

@@ -536,6 +536,8 @@ class Target:
     headers: list[str]
     server: subprocess.Popen  # whose process group's CPU is charged to this target
     describe: str
+    client_core: int | None = None  # where the load generator runs (default: the load core)
+    fixed_only: bool = False  # a control of the fixed-rate phase only, not run under wrk
 
 
 class Runner:
@@ -581,7 +583,8 @@ class Runner:
 
     def fixed_rate(self, target: Target, rate: float, duration: float) -> dict:
         """Open loop at `rate` rps; wrk2 when installed, else bench/openloop.py."""
-        taskset = [self.tools["taskset"], "-c", str(self.load_core)]
+        core = self.load_core if target.client_core is None else target.client_core
+        taskset = [self.tools["taskset"], "-c", str(core)]
         if "wrk2" in self.tools:
             cmd = [*taskset, self.tools["wrk2"], "-t1", f"-c{self.args.connections}"]
             cmd += [f"-d{duration:g}s", f"-R{rate:g}", "--latency"]
@@ -1180,10 +1183,28 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
             "at a similar load on its core)"
         )
         targets.insert(2, Target("nginx-chain", base.format(chain_ports[0]), [], chain, describe))
+    # The same upstream with the client on the other core: every proxy's request crosses
+    # between the cores (client -> proxy -> upstream and back), while `direct` stays on one.
+    # What a crossing costs at the tail on this machine is the floor under any proxy's
+    # added latency in this layout.
+    targets.insert(
+        1,
+        Target(
+            "direct-xcore",
+            base.format(upstream_port),
+            [],
+            upstream,
+            "the upstream nginx with the client on the server core: no proxy, but the "
+            "request and the answer cross between the cores once each",
+            client_core=server_core,
+            fixed_only=True,
+        ),
+    )
     if args.without_policies:
         targets = [t for t in targets if t.name != "gateway-cache-hit"]
     if args.only:
-        wanted = {"direct", "nginx", "nginx-chain", *args.only.split(",")}
+        always = {"direct", "direct-xcore", "nginx", "nginx-chain"}
+        wanted = {t.name for t in targets if t.name in always} | set(args.only.split(","))
         unknown = wanted - {t.name for t in targets}
         if unknown:
             raise BenchError(f"--only: no target {', '.join(sorted(unknown))}")
@@ -1192,14 +1213,15 @@ def _bench(args, tmp: Path, procs: Procs, started: float) -> int:
     runner = Runner(procs, tools, (server_core, load_core), servers, args)
     runner.sent_to_gateway = 2  # the readiness and 401 checks
 
+    loaded = [t for t in targets if not t.fixed_only]  # the wrk phase's targets
     if args.warmup > 0:
         log(f"warm-up: {args.warmup:g} s per target")
-        for t in targets:
+        for t in loaded:
             runner.wrk(t, args.warmup, 0)
     runs: list[WrkResult] = []
     for rnd in range(1, args.rounds + 1):
-        shift = (rnd - 1) % len(targets)
-        order = targets[shift:] + targets[:shift]
+        shift = (rnd - 1) % len(loaded)
+        order = loaded[shift:] + loaded[:shift]
         for t in order:
             r = runner.wrk(t, args.duration, rnd)
             runs.append(r)

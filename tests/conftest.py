@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,3 +355,36 @@ def _wait_stable(stack: Stack, ok, *, timeout: float, what: str) -> None:
         return now - state["since"] >= 0.6
 
     wait_until(converged, timeout=timeout, what=what)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis server of this test's own (the shared one must not be killed): its port."""
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI"):  # CI must run this test: a missing install is a failure
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    port = free_port()
+    argv = [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+
+    class Server:
+        proc: subprocess.Popen | None = None
+
+        def start(self) -> None:
+            self.proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL)
+            wait_until(lambda: port_open(port), timeout=10, what="redis-server")
+
+        def kill(self) -> None:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    srv = Server()
+    srv.start()
+    srv.port = port
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.kill()

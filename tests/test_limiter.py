@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 import pytest
 from django.conf import settings
 
-from gateway.dataplane.limiter import MemoryLimiter, RedisLimiter, period_bounds, redis_client
+from gateway.dataplane.limiter import MemoryLimiter, RedisLimiter, period_bounds
 from gateway.dataplane.pipeline import settle
+from gateway.dataplane.resp import RespClient
 from gateway.dataplane.snapshot import LimitRule
 
 T0 = datetime(2026, 3, 31, 23, 59, 0, tzinfo=UTC).timestamp()
@@ -103,12 +104,12 @@ needs_redis = pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL not s
 
 def _redis_run(coro_factory):
     async def main():
-        client = redis_client(settings.REDIS_URL, timeout=1.0)
+        client = RespClient(settings.REDIS_URL, timeout=1.0)
         try:
-            await client.flushdb()
+            await client.execute("FLUSHDB")
             return await coro_factory(RedisLimiter(client))
         finally:
-            await client.aclose()
+            await client.close()
 
     return asyncio.run(main())
 
@@ -139,13 +140,13 @@ def test_redis_limit_is_exact_under_concurrency():
 
 def test_unreachable_redis_fails_open_and_counts_the_error():
     async def main():
-        client = redis_client("redis://127.0.0.1:1/0", timeout=0.2)
+        client = RespClient("redis://127.0.0.1:1/0", timeout=0.2)
         lim = RedisLimiter(client)
         try:
             d = await lim.check((rate(1),), T0)
             return d, lim.store_errors
         finally:
-            await client.aclose()
+            await client.close()
 
     decision, errors = asyncio.run(main())
     assert decision.allowed
@@ -163,7 +164,7 @@ def _stage_answer(fail_closed: bool):
         plan_id = 0
 
     async def main():
-        client = redis_client("redis://127.0.0.1:1/0", timeout=0.2)
+        client = RespClient("redis://127.0.0.1:1/0", timeout=0.2)
         try:
             stage = LimitStage(limiter=RedisLimiter(client), fail_closed=fail_closed)
             ctx = RequestContext(
@@ -178,7 +179,7 @@ def _stage_answer(fail_closed: bool):
             ctx.key = Key()
             return await settle(stage.on_request(ctx)), ctx
         finally:
-            await client.aclose()
+            await client.close()
 
     return asyncio.run(main())
 

@@ -3,9 +3,6 @@ limit store (Redis) killed and restarted under load."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,39 +83,6 @@ def test_admitted_requests_stay_within_limit_plus_burst_in_any_window(stack, liv
 
 
 # --- the limit store killed and restarted under load ---------------------------------------
-@pytest.fixture
-def own_redis(tmp_path):
-    """A Redis server of this test's own (the shared one must not be killed): its port."""
-    server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("CI"):  # CI must run this test: a missing install is a failure
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    port = free_port()
-    argv = [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-
-    class Server:
-        proc: subprocess.Popen | None = None
-
-        def start(self) -> None:
-            self.proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL)
-            wait_until(lambda: port_open(port), timeout=10, what="redis-server")
-
-        def kill(self) -> None:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    srv = Server()
-    srv.start()
-    srv.port = port
-    try:
-        yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.kill()
-
-
 def test_redis_killed_and_restarted_under_load_fails_open_or_closed_then_limits_resume(
     stack, live, dev, own_redis, tmp_path
 ):

@@ -34,6 +34,7 @@ from gateway.dataplane.metrics import MetricsStage
 from gateway.dataplane.networks import Networks
 from gateway.dataplane.pipeline import Stage, completes, settle
 from gateway.dataplane.problems import problem
+from gateway.dataplane.resp import RespClient
 from gateway.dataplane.router import MethodNotAllowed, normalize_path
 from gateway.dataplane.settings import GatewaySettings, load_settings
 from gateway.dataplane.snapshot import (
@@ -121,6 +122,7 @@ class GatewayApp:
         self._session: aiohttp.ClientSession | None = None  # health checks, JWKS, aggregates
         self._pool: UpstreamPool | None = None  # the proxy's upstream connections
         self._redis = None
+        self._resp: RespClient | None = None
         self.limiter: Limiter | None = None
         self.buffer: EventBuffer | None = None
         self.shipper: LogShipper | None = None
@@ -193,7 +195,10 @@ class GatewayApp:
         self.log_stage = LogStage(buffer=self.buffer)
         if s.redis_url:
             self._redis = redis_client(s.redis_url, timeout=s.redis_timeout)
-            self.limiter = RedisLimiter(self._redis)
+            # The limiter's one call per request goes over the lean pipelined client (84 ->
+            # 12 µs of CPU per call); pub/sub, the cache and the log stream use redis-py.
+            self._resp = RespClient(s.redis_url, timeout=s.redis_timeout)
+            self.limiter = RedisLimiter(self._resp)
             self.cache_store = RedisStore(self._redis)
             sink = RedisStreamSink(self._redis, s.log_stream, maxlen=s.log_stream_maxlen)
         else:
@@ -248,6 +253,8 @@ class GatewayApp:
             await self._pool.close()
         if self._redis is not None:
             await self._redis.aclose()
+        if self._resp is not None:
+            await self._resp.close()
         self._db.shutdown(wait=True)
 
     # --- configuration --------------------------------------------------------------------

@@ -10,7 +10,7 @@ process). Time comes from one clock: Redis `TIME` inside the script, so every no
 
 Two stores with the same semantics: in process (the embedded default, one gateway worker) and
 Redis (one EVALSHA per request for all of its limits, so workers and nodes share exact
-counts). A request is admitted only if every rule admits it, and only then is anything
+counts; sent over the lean pipelined client of resp.py, not redis-py). A request is admitted only if every rule admits it, and only then is anything
 counted: a request refused by the rate limit does not use quota.
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from gateway.dataplane.resp import RespClient, RespScript
 from gateway.dataplane.snapshot import WINDOW_SECONDS, LimitRule
 
 log = logging.getLogger("gateway.limiter")
@@ -270,9 +271,9 @@ class RedisLimiter:
     a second; the client reconnects on the next call, so limits resume as soon as Redis does.
     """
 
-    def __init__(self, client) -> None:
+    def __init__(self, client: RespClient) -> None:
         self.client = client
-        self.script = client.register_script(LUA_CHECK)
+        self.script = RespScript(client, LUA_CHECK)
         self.store_errors = 0
         self._last_warning = 0.0
 
