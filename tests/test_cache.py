@@ -114,6 +114,36 @@ def test_entries_survive_the_redis_encoding():
     assert again == entry
 
 
+def test_the_redis_store_shares_entries_and_one_fill_lock_and_fails_as_a_miss(own_redis):
+    import time
+
+    from gateway.dataplane.resp import RespClient
+    from gateway.dataplane.stages.cache import RedisStore
+
+    async def run():
+        a = RedisStore(RespClient(f"redis://127.0.0.1:{own_redis.port}/0", timeout=2))
+        b = RedisStore(RespClient(f"redis://127.0.0.1:{own_redis.port}/0", timeout=2))
+        down = RedisStore(RespClient("redis://127.0.0.1:1/0", timeout=0.2))
+        now = time.time()
+        entry = _entry(b"\x00\xffbody", stored_at=now)
+        await a.put("k", entry)
+        shared = await b.get("k", now)  # another worker or node sees it
+        missing = await b.get("other", now)
+        locks = [await a.lock("k", 5), await b.lock("k", 5)]  # one filler at a time
+        await a.unlock("k")
+        relocked = await b.lock("k", 5)
+        failures = (await down.get("k", now), await down.lock("k", 5))
+        for store in (a, b, down):
+            await store.client.close()
+        return shared, missing, locks, relocked, failures
+
+    shared, missing, locks, relocked, failures = asyncio.run(run())
+    assert shared is not None and shared.body == b"\x00\xffbody"
+    assert missing is None
+    assert locks == [True, False] and relocked is True
+    assert failures == (None, True)  # a miss, and no lock to wait for: go to the upstream
+
+
 def test_if_none_match_uses_the_weak_comparison():
     assert _etag_matches(b'"e1"', b'"e1"')
     assert _etag_matches(b'W/"e1", "e2"', b'"e1"')

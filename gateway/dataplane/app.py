@@ -122,7 +122,8 @@ class GatewayApp:
         self._session: aiohttp.ClientSession | None = None  # health checks, JWKS, aggregates
         self._pool: UpstreamPool | None = None  # the proxy's upstream connections
         self._redis = None
-        self._resp: RespClient | None = None
+        self._resp: RespClient | None = None  # the limiter's
+        self._resp_cache: RespClient | None = None  # the response cache's
         self.limiter: Limiter | None = None
         self.buffer: EventBuffer | None = None
         self.shipper: LogShipper | None = None
@@ -195,11 +196,13 @@ class GatewayApp:
         self.log_stage = LogStage(buffer=self.buffer)
         if s.redis_url:
             self._redis = redis_client(s.redis_url, timeout=s.redis_timeout)
-            # The limiter's one call per request goes over the lean pipelined client (84 ->
-            # 12 µs of CPU per call); pub/sub, the cache and the log stream use redis-py.
+            # The limiter's one call per request and the response cache go over the lean
+            # pipelined client (84 -> 12 µs of CPU per call), each on its own connection;
+            # pub/sub and the log stream use redis-py.
             self._resp = RespClient(s.redis_url, timeout=s.redis_timeout)
             self.limiter = RedisLimiter(self._resp)
-            self.cache_store = RedisStore(self._redis)
+            self._resp_cache = RespClient(s.redis_url, timeout=s.redis_timeout)
+            self.cache_store = RedisStore(self._resp_cache)
             sink = RedisStreamSink(self._redis, s.log_stream, maxlen=s.log_stream_maxlen)
         else:
             self.limiter = MemoryLimiter()
@@ -253,8 +256,9 @@ class GatewayApp:
             await self._pool.close()
         if self._redis is not None:
             await self._redis.aclose()
-        if self._resp is not None:
-            await self._resp.close()
+        for client in (self._resp, self._resp_cache):
+            if client is not None:
+                await client.close()
         self._db.shutdown(wait=True)
 
     # --- configuration --------------------------------------------------------------------

@@ -10,8 +10,9 @@ process). Time comes from one clock: Redis `TIME` inside the script, so every no
 
 Two stores with the same semantics: in process (the embedded default, one gateway worker) and
 Redis (one EVALSHA per request for all of its limits, so workers and nodes share exact
-counts; sent over the lean pipelined client of resp.py, not redis-py). A request is admitted only if every rule admits it, and only then is anything
-counted: a request refused by the rate limit does not use quota.
+counts; sent over the lean pipelined client of resp.py, not redis-py). A request is admitted
+only if every rule admits it, and only then is anything counted: a request refused by the
+rate limit does not use quota.
 """
 
 from __future__ import annotations

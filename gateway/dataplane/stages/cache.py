@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from gateway.dataplane.context import LocalResponse, RequestContext
 from gateway.dataplane.pipeline import Stage
+from gateway.dataplane.resp import RespClient
 
 log = logging.getLogger("gateway.cache")
 
@@ -192,14 +193,17 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Entries shared by every worker and node; failures count as misses (never a 500)."""
+    """Entries shared by every worker and node; failures count as misses (never a 500).
 
-    def __init__(self, client) -> None:
+    `client` is a resp.RespClient of its own: a large entry on the limiter's connection would
+    hold up the limit checks queued behind it."""
+
+    def __init__(self, client: RespClient) -> None:
         self.client = client
 
     async def get(self, key: str, now: float) -> Entry | None:
         try:
-            raw = await self.client.get(f"apigw:cache:{key}")
+            raw = await self.client.execute("GET", f"apigw:cache:{key}")
         except Exception as exc:
             log.warning("cache store error: %s", exc)
             return None
@@ -210,25 +214,24 @@ class RedisStore:
 
     async def put(self, key: str, entry: Entry) -> None:
         try:
-            await self.client.set(
-                f"apigw:cache:{key}", entry.dumps(), px=max(1, int(entry.ttl * 1000))
+            await self.client.execute(
+                "SET", f"apigw:cache:{key}", entry.dumps(), "PX", max(1, int(entry.ttl * 1000))
             )
         except Exception as exc:
             log.warning("cache store error: %s", exc)
 
     async def lock(self, key: str, seconds: float) -> bool:
         try:
-            return bool(
-                await self.client.set(
-                    f"apigw:cache-lock:{key}", b"1", nx=True, px=int(seconds * 1000)
-                )
+            answer = await self.client.execute(
+                "SET", f"apigw:cache-lock:{key}", b"1", "NX", "PX", max(1, int(seconds * 1000))
             )
         except Exception:
             return True  # no lock to be had: go to the upstream
+        return answer is not None  # OK, or nil when another holds it
 
     async def unlock(self, key: str) -> None:
         with contextlib.suppress(Exception):  # it expires on its own
-            await self.client.delete(f"apigw:cache-lock:{key}")
+            await self.client.execute("DEL", f"apigw:cache-lock:{key}")
 
 
 @dataclass(slots=True)
