@@ -6,6 +6,7 @@ Against a real redis-server of each test's own, and scripted servers for the fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -58,6 +59,17 @@ def test_urls_give_host_port_database_credentials_and_tls():
         RedisAddress.from_url("http://h/0")
     with pytest.raises(ValueError, match="number"):
         RedisAddress.from_url("redis://h/cache")
+    # redis-py's query options: credentials, and TLS settings honoured or refused, not dropped
+    a = RedisAddress.from_url("unix:///run/my%20redis.sock?db=2&password=pw&username=u")
+    assert (a.path, a.db, a.username, a.password) == ("/run/my redis.sock", 2, "u", "pw")
+    assert not RedisAddress.from_url("rediss://h/0?ssl_check_hostname=false").tls.check_hostname
+    assert RedisAddress.from_url("rediss://h/0").tls.check_hostname
+    with pytest.raises(ValueError, match="ssl_ca_path"):
+        RedisAddress.from_url("rediss://h/0?ssl_ca_path=/etc/ssl")
+    with pytest.raises(ValueError, match="ssl_certfile"):
+        RedisAddress.from_url("rediss://h/0?ssl_keyfile=/k.pem")
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        RedisAddress.from_url("rediss://h/0?ssl_cert_reqs=maybe")
 
 
 # --- against a real Redis ---------------------------------------------------------------------
@@ -144,7 +156,14 @@ def test_a_killed_server_fails_the_waiting_commands_and_a_restarted_one_is_used_
             with pytest.raises(RedisUnavailable):  # refused: nothing listens
                 await client.execute("PING")
             own_redis.start()
-            return results, await client.execute("PING")
+            # Failed attempts pause new ones for RETRY_AFTER_FAILURE (0.1 s): ask until the
+            # client is back, for at most 5 s.
+            for _ in range(100):
+                try:
+                    return results, await client.execute("PING")
+                except RedisUnavailable:
+                    await asyncio.sleep(0.05)
+            return results, None
         finally:
             await client.close()
 
@@ -153,14 +172,45 @@ def test_a_killed_server_fails_the_waiting_commands_and_a_restarted_one_is_used_
     assert pong == b"PONG"
 
 
+def test_a_full_redis_fails_the_command_instead_of_hanging_it(own_redis):
+    """At maxclients Redis accepts, writes an error and hangs up, often before the client has
+    sent anything: with a SELECT to send first, the command must fail (not wait forever),
+    and once there is room again the client must connect."""
+    base = f"127.0.0.1:{own_redis.port}"
+
+    async def main():
+        admin = RespClient(f"redis://{base}/0", timeout=2)
+        await admin.execute("CONFIG", "SET", "maxclients", "1")  # admin holds the one slot
+        client = RespClient(f"redis://{base}/3", timeout=0.5)
+        outcomes = []
+        for _ in range(5):
+            try:
+                await asyncio.wait_for(client.execute("PING"), 5)
+                outcomes.append("answered")
+            except RedisUnavailable:
+                outcomes.append("unavailable")
+            await asyncio.sleep(0.15)  # past RETRY_AFTER_FAILURE: a new attempt each time
+        await admin.execute("CONFIG", "SET", "maxclients", "100")
+        await asyncio.sleep(0.15)
+        reply = await asyncio.wait_for(client.execute("PING"), 5)
+        for c in (client, admin):
+            await c.close()
+        return outcomes, reply
+
+    outcomes, reply = _run(main())
+    assert outcomes == ["unavailable"] * 5  # a hang would be TimeoutError from wait_for
+    assert reply == b"PONG"
+
+
 # --- scripted servers -------------------------------------------------------------------------
 class Scripted:
     """A TCP server on loopback whose answer to each command is chosen by `reply(n)` (n: the
     command's number on the server, from 1); None means never answer."""
 
-    def __init__(self, reply, delay: float = 0.0) -> None:
+    def __init__(self, reply, delay: float = 0.0, greeting=None) -> None:
         self.reply = reply
         self.delay = delay
+        self.greeting = greeting  # greeting(connection number) -> bytes sent, then hang up
         self.connections = 0
         self.commands = 0
 
@@ -175,6 +225,11 @@ class Scripted:
     async def _serve(self, reader, writer) -> None:
         self.connections += 1
         buf = bytearray()
+        refusal = self.greeting(self.connections) if self.greeting else None
+        if refusal:  # as Redis at maxclients: an error, then the connection is closed
+            writer.write(refusal)
+            writer.close()
+            return
         try:
             while data := await reader.read(65536):
                 buf += data
@@ -261,5 +316,84 @@ def test_an_unreachable_server_is_reported_not_hung_on():
         client = RespClient("redis://127.0.0.1:1/0", timeout=0.5)
         with pytest.raises(RedisUnavailable, match="cannot connect"):
             await client.execute("PING")
+
+    _run(main())
+
+
+def test_a_server_that_hangs_up_at_once_fails_the_command_and_is_tried_again_later():
+    """Redis at maxclients accepts, writes an error and closes: with AUTH and SELECT to send
+    first, this must fail the command (not hang it), and a later attempt must work."""
+
+    async def main():
+        full = {"on": True}
+        greeting = lambda n: b"-ERR max number of clients reached\r\n" if full["on"] else None  # noqa: E731
+        async with Scripted(lambda n: b"+OK\r\n", greeting=greeting) as srv:
+            client = RespClient(f"redis://:pw@127.0.0.1:{srv.port}/3", timeout=0.5)
+            outcomes = []
+            for _ in range(3):
+                try:
+                    await asyncio.wait_for(client.execute("PING"), 5)
+                except RedisUnavailable as exc:
+                    outcomes.append(type(exc).__name__)
+            attempts = srv.connections  # the pause after a failure: no storm of connects
+            full["on"] = False
+            await asyncio.sleep(0.15)  # past RETRY_AFTER_FAILURE
+            reply = await asyncio.wait_for(client.execute("PING"), 5)
+            await client.close()
+            return outcomes, attempts, reply
+
+    outcomes, attempts, reply = _run(main())
+    assert outcomes == ["RedisUnavailable"] * 3  # not a hang (wait_for would say TimeoutError)
+    assert attempts == 1
+    assert reply == b"OK"
+
+
+def test_a_cancelled_first_caller_is_cancelled_and_the_others_still_get_answers():
+    async def main():
+        # The AUTH reply is slow, so the connection is still being set up when the first
+        # caller is cancelled.
+        async with Scripted(lambda n: b"+OK\r\n" if n == 1 else b":%d\r\n" % n, delay=0.1) as srv:
+            client = RespClient(f"redis://:pw@127.0.0.1:{srv.port}/0", timeout=2)
+            first = asyncio.ensure_future(client.execute("INCR", "a"))
+            others = [asyncio.ensure_future(client.execute("INCR", "a")) for _ in range(3)]
+            await asyncio.sleep(0.02)
+            first.cancel()
+            results = await asyncio.gather(*others)
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            await client.close()
+            return first.cancelled(), results, srv.connections
+
+    cancelled, results, connections = _run(main())
+    assert cancelled and connections == 1
+    assert sorted(results) == [2, 3, 4]
+
+
+def test_a_demoted_primary_makes_the_client_reconnect():
+    async def main():
+        readonly = b"-READONLY You can't write against a read only replica.\r\n"
+        async with Scripted(lambda n: readonly if n == 1 else b"+OK\r\n") as srv:
+            client = RespClient(f"redis://127.0.0.1:{srv.port}/0", timeout=2)
+            with pytest.raises(RedisReplyError, match="READONLY"):
+                await client.execute("SET", "k", "v")
+            await asyncio.sleep(0.01)
+            reply = await client.execute("SET", "k", "v")
+            await client.close()
+            return reply, srv.connections
+
+    assert _run(main()) == (b"OK", 2)
+
+
+def test_closing_fails_waiting_commands_at_once():
+    async def main():
+        async with Scripted(lambda n: None) as srv:  # never answers
+            client = RespClient(f"redis://127.0.0.1:{srv.port}/0", timeout=30)
+            waiting = asyncio.ensure_future(client.execute("PING"))
+            await asyncio.sleep(0.05)
+            await client.close()
+            with pytest.raises(RedisUnavailable, match="closed"):
+                await asyncio.wait_for(waiting, 5)
+            with pytest.raises(RedisUnavailable, match="closed"):
+                await client.execute("PING")
 
     _run(main())

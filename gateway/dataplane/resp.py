@@ -45,6 +45,7 @@ class RedisReplyError(Exception):
 
 
 _INCOMPLETE = object()  # the buffer ends inside a reply
+RETRY_AFTER_FAILURE = 0.1  # seconds without connection attempts after one failed
 
 
 def encode_command(args: tuple) -> bytes:
@@ -100,6 +101,18 @@ def parse_reply(buf: bytearray | bytes, pos: int):
     raise RedisUnavailable(f"unexpected reply type {chr(kind)!r} from Redis")
 
 
+# URL options (redis-py's names) that decide how to connect and are honoured here; other
+# ssl_* options are refused (silently dropping a TLS setting would weaken or break it), and
+# the rest (socket and pool tuning for redis-py) do not apply to this client.
+_SSL_OPTIONS = {"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
+_SSL_OPTIONS.add("ssl_check_hostname")
+_TRUE = {"1", "true", "yes", "on"}
+
+# Error replies after which this connection is no use: a failover demoted the server we are
+# on. Reconnecting (and resolving the name again) finds the new primary.
+_RECONNECT_ON = ("READONLY", "MASTERDOWN")
+
+
 @dataclass(frozen=True)
 class RedisAddress:
     """Where and how to connect, from a redis://, rediss:// or unix:// URL."""
@@ -118,7 +131,11 @@ class RedisAddress:
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"REDIS_URL: unsupported scheme {parts.scheme!r}")
-        raw_db = query.get("db") or (parts.path.strip("/") if parts.scheme != "unix" else "")
+        unknown_ssl = sorted(k for k in query if k.startswith("ssl_") and k not in _SSL_OPTIONS)
+        if unknown_ssl:
+            raise ValueError(f"REDIS_URL: unsupported option {', '.join(unknown_ssl)}")
+        path = unquote(parts.path)
+        raw_db = query.get("db") or (path.strip("/") if parts.scheme != "unix" else "")
         try:
             db = int(raw_db or 0)
         except ValueError:
@@ -126,22 +143,26 @@ class RedisAddress:
         tls = None
         if parts.scheme == "rediss":
             tls = ssl_module.create_default_context(cafile=query.get("ssl_ca_certs"))
+            if query.get("ssl_keyfile") and not query.get("ssl_certfile"):
+                raise ValueError("REDIS_URL: ssl_keyfile needs ssl_certfile")
             if query.get("ssl_certfile"):
                 tls.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
             requirement = query.get("ssl_cert_reqs", "required").lower()
-            if requirement == "none":
+            if requirement not in ("none", "optional", "required"):
+                raise ValueError("REDIS_URL: ssl_cert_reqs must be none, optional or required")
+            if requirement != "required" or query.get("ssl_check_hostname", "true") not in _TRUE:
                 tls.check_hostname = False
+            if requirement == "none":
                 tls.verify_mode = ssl_module.CERT_NONE
             elif requirement == "optional":
-                tls.check_hostname = False
                 tls.verify_mode = ssl_module.CERT_OPTIONAL
         return cls(
-            host=parts.hostname or "127.0.0.1",
+            host=unquote(parts.hostname or "127.0.0.1"),
             port=parts.port or 6379,
-            path=parts.path if parts.scheme == "unix" else "",
+            path=path if parts.scheme == "unix" else "",
             db=db,
-            username=unquote(parts.username or ""),
-            password=unquote(parts.password or ""),
+            username=query.get("username") or unquote(parts.username or ""),
+            password=query.get("password") or unquote(parts.password or ""),
             tls=tls,
         )
 
@@ -163,11 +184,17 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def send(self, command: bytes) -> asyncio.Future:
+        """The future of `command`'s reply (already failed if the connection is gone)."""
         fut = self.loop.create_future()
+        if self.closed:  # e.g. Redis accepted, said -ERR max clients, and hung up
+            fut.set_exception(self.error or RedisUnavailable("connection to Redis closed"))
+            return fut
+        # Written before it is queued: a write that raised must not leave a future behind
+        # that would take the next command's reply.
+        self.transport.write(command)
         self.waiting.append((fut, self.loop.time() + self.timeout))
         if self._watchdog is None:
             self._watchdog = self.loop.call_later(self.timeout, self._check_deadline)
-        self.transport.write(command)
         return fut
 
     def data_received(self, data: bytes) -> None:
@@ -175,6 +202,7 @@ class _Connection(asyncio.Protocol):
         buf += data
         pos = 0
         waiting = self.waiting
+        reconnect = None
         try:
             while waiting:
                 reply, after = parse_reply(buf, pos)
@@ -182,23 +210,29 @@ class _Connection(asyncio.Protocol):
                     break
                 pos = after
                 fut = waiting.popleft()[0]
-                if fut.done():  # its caller gave up (cancelled): the reply is dropped
-                    continue
                 if isinstance(reply, RedisReplyError):
-                    fut.set_exception(reply)
-                else:
+                    if str(reply).startswith(_RECONNECT_ON):
+                        reconnect = reply
+                    if not fut.done():
+                        fut.set_exception(reply)
+                elif not fut.done():  # else its caller gave up (cancelled): dropped
                     fut.set_result(reply)
         except (ValueError, RedisUnavailable) as exc:
             self.abort(RedisUnavailable(f"unreadable reply from Redis: {exc}"))
             return
         if pos:
             del buf[:pos]
-        if not waiting and buf:
+        if reconnect is not None:
+            self.abort(RedisUnavailable(f"Redis answered {reconnect}: reconnecting"))
+        elif not waiting and buf:
             self.abort(RedisUnavailable("Redis sent a reply nobody asked for"))
 
     def _check_deadline(self) -> None:
         self._watchdog = None
-        if self.closed or not self.waiting:
+        if not self.waiting:
+            return
+        if self.closed:  # closed, but the loss is not reported yet: do not wait for it
+            self._fail_waiting()
             return
         deadline = self.waiting[0][1]
         now = self.loop.time()
@@ -226,20 +260,28 @@ class _Connection(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        error = self.error or RedisUnavailable("connection to Redis closed")
         while self.waiting:
             fut = self.waiting.popleft()[0]
             if not fut.done():
-                fut.set_exception(self.error)
+                fut.set_exception(error)
 
 
 class RespClient:
-    """A Redis client for a worker's event loop: `await client.execute("GET", "k")`."""
+    """A Redis client for a worker's event loop: `await client.execute("GET", "k")`.
+
+    After a failed connection attempt, commands fail at once for RETRY_AFTER_FAILURE seconds
+    instead of each trying again: a Redis that is down or refuses us costs a request next to
+    nothing, and limits are back within that long of its return."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
         self.address = RedisAddress.from_url(url)
         self.timeout = timeout
         self._conn: _Connection | None = None
-        self._connecting: asyncio.Future | None = None
+        self._connecting: asyncio.Task | None = None
+        self._down: RedisUnavailable | None = None  # the last attempt's failure
+        self._down_until = 0.0
+        self._closed = False
 
     async def execute(self, *args):
         """Send one command; its reply (RedisReplyError raised, not returned)."""
@@ -249,22 +291,33 @@ class RespClient:
         return await conn.send(encode_command(args))
 
     async def _connect(self) -> _Connection:
-        """The live connection, made now if needed; concurrent callers share one attempt."""
+        """The live connection, made now if needed. One attempt at a time, shared: a caller
+        that is cancelled leaves it running for the others."""
+        if self._closed:
+            raise RedisUnavailable("the client is closed")
+        loop = asyncio.get_running_loop()
+        if self._down is not None and loop.time() < self._down_until:
+            raise RedisUnavailable(str(self._down))  # a new one: no traceback to grow
         if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_future()
-            try:
-                conn = await self._open()
-            except BaseException as exc:
-                error = exc if isinstance(exc, RedisUnavailable) else RedisUnavailable(str(exc))
-                self._connecting.set_exception(error)
-                self._connecting.exception()  # retrieved: no "never retrieved" warning
-                self._connecting = None
-                raise error from exc
-            self._conn = conn
-            self._connecting.set_result(conn)
-            self._connecting = None
-            return conn
+            self._connecting = loop.create_task(self._open())
+            self._connecting.add_done_callback(self._connected)
         return await asyncio.shield(self._connecting)
+
+    def _connected(self, task: asyncio.Task) -> None:
+        self._connecting = None
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here, whoever else awaits it
+        if exc is not None:
+            self._down = exc if isinstance(exc, RedisUnavailable) else RedisUnavailable(str(exc))
+            self._down_until = asyncio.get_running_loop().time() + RETRY_AFTER_FAILURE
+            return
+        conn = task.result()
+        if self._closed:  # closed while this attempt ran
+            conn.abort(RedisUnavailable("the client is closed"))
+            return
+        self._down = None
+        self._conn = conn
 
     async def _open(self) -> _Connection:
         a = self.address
@@ -288,18 +341,28 @@ class RespClient:
         if a.db:
             setup.append(conn.send(encode_command(("SELECT", a.db))))
         try:
-            for fut in setup:
-                await fut
-        except RedisReplyError as exc:
-            conn.abort(RedisUnavailable(f"Redis refused the connection's set-up: {exc}"))
-            raise conn.error from exc
+            # Every set-up reply is awaited (none left unretrieved), the first error raised.
+            results = await asyncio.gather(*setup, return_exceptions=True)
+        except BaseException:  # cancelled: this half-made connection is nobody's
+            conn.abort(RedisUnavailable("connection set-up interrupted"))
+            raise
+        for result in results:
+            if isinstance(result, RedisReplyError):
+                conn.abort(RedisUnavailable(f"Redis refused the connection's set-up: {result}"))
+                raise conn.error
+            if isinstance(result, BaseException):
+                conn.abort(RedisUnavailable(f"connection set-up failed: {result}"))
+                raise conn.error
+        if conn.closed:  # accepted, then closed at once (max clients, protected mode)
+            raise conn.error or RedisUnavailable("Redis closed the connection")
         return conn
 
     async def close(self) -> None:
+        """Close the connection; commands still waiting fail (RedisUnavailable)."""
+        self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            conn.closed = True
-            conn.transport.close()
+            conn.abort(RedisUnavailable("the client is closed"))
 
 
 class RespScript:
