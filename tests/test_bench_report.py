@@ -113,3 +113,51 @@ def test_percentile_is_nearest_rank(bench_run):
     assert bench_run.percentile(values, 90) == 9.0
     assert bench_run.percentile(values, 99) == 10.0
     assert bench_run.percentile([], 50) is None
+
+
+@pytest.fixture(scope="module")
+def bench_scaling():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_scaling", BENCH / "scaling.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_scaling"] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_scaling", None)
+        sys.modules.pop("run", None)  # scaling.py imported bench/run.py under that name
+        sys.path.remove(str(BENCH))
+
+
+def test_scaling_charges_cpu_to_process_groups(bench_scaling):
+    snapshot = {10: (10, 500), 11: (10, 250), 20: (20, 40), 30: (30, 7)}  # pid: (pgrp, jiffies)
+    assert bench_scaling.group_cpu(snapshot, {"gateway": 10, "redis": 20}) == {
+        "gateway": 750,
+        "redis": 40,
+    }
+
+
+def test_scaling_compares_requests_per_gateway_cpu_second(bench_scaling):
+    def run(layout, target, rnd, rps, cores):
+        helpers = {"wrk": 0.1, "upstream": 0.1, "redis": 0.05}
+        return bench_scaling.Run(layout, target, rnd, rps, 1.0, 2.0, 0, cores, helpers)
+
+    runs = []
+    for rnd, jitter in ((1, 1.0), (2, 1.1), (3, 0.9)):  # medians pick the middle round
+        runs += [
+            run("1 worker", "full", rnd, 9000 * jitter, 1.0),
+            run("2 workers, 1 core", "full", rnd, 8100 * jitter, 1.0),
+            run("2 workers", "full", rnd, 11250 * jitter, 1.4),
+        ]
+    report = bench_scaling.render(runs, _Args(), (0, 1), "test")
+    row = next(line for line in report.splitlines() if line.startswith("| full | 1.25 |"))
+    # 11,250 / 9,000 rps; (8,100 / 1.0) / 9,000 per CPU-second; (11,250 / 1.4) / 9,000.
+    assert row == "| full | 1.25 | 0.90 | 0.89 |"
+    assert "| full | 2 workers | 11,250 |" in report
+
+
+class _Args:
+    connections = 50
+    duration = 8
+    rounds = 3
