@@ -272,8 +272,10 @@ def which(cmd: str) -> str | None:
     return shutil.which(cmd, path=path)
 
 
-def ensure_tools() -> dict[str, str]:
-    missing = [p for p in ("nginx", "wrk") if which(p) is None]
+def ensure_tools(also: tuple[str, ...] = ()) -> dict[str, str]:
+    """Paths of nginx, wrk, taskset (and wrk2 if present) and of the commands `also` names,
+    each a Debian package of the same name: installed when missing and we are root."""
+    missing = [p for p in ("nginx", "wrk", *also) if which(p) is None]
     if missing:
         if os.geteuid() != 0:
             raise BenchError(f"missing {', '.join(missing)}: apt-get install -y nginx wrk (root)")
@@ -284,7 +286,7 @@ def ensure_tools() -> dict[str, str]:
             ["apt-get", "install", "-y", "-q", *missing], check=True, env=apt_env, timeout=600
         )
     tools = {}
-    for name in ("nginx", "wrk", "taskset"):
+    for name in ("nginx", "wrk", "taskset", *also):
         path = which(name)
         if path is None:
             raise BenchError(f"{name} not found")
@@ -540,6 +542,18 @@ class Target:
     fixed_only: bool = False  # a control of the fixed-rate phase only, not run under wrk
 
 
+def wrk_command(
+    tools: dict, cores: str, connections: int, duration: float, url: str, headers: list[str]
+) -> list[str]:
+    """wrk, one thread pinned to `cores` (taskset's list syntax), closed loop on `url`."""
+    cmd = [tools["taskset"], "-c", cores, tools["wrk"], "-t1", f"-c{connections}"]
+    cmd += [f"-d{duration:g}s", "--latency", "--timeout", "5s"]
+    for h in headers:
+        cmd += ["-H", h]
+    cmd.append(url)
+    return cmd
+
+
 class Runner:
     def __init__(
         self, procs: Procs, tools: dict, cores: tuple[int, int], servers: set[int], args
@@ -553,11 +567,14 @@ class Runner:
         self.sent_to_gateway = 0  # requests that wrk completed against the gateway
 
     def wrk(self, target: Target, duration: float, rnd: int) -> WrkResult:
-        cmd = [self.tools["taskset"], "-c", str(self.load_core), self.tools["wrk"], "-t1"]
-        cmd += [f"-c{self.args.connections}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
-        for h in target.headers:
-            cmd += ["-H", h]
-        cmd.append(target.url)
+        cmd = wrk_command(
+            self.tools,
+            str(self.load_core),
+            self.args.connections,
+            duration,
+            target.url,
+            target.headers,
+        )
         out, usage = self._run_client("wrk", cmd, target, timeout=duration + 30)
         result = parse_wrk(out, target.name, rnd)
         result.usage = usage

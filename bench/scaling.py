@@ -55,7 +55,7 @@ from run import (  # noqa: E402
     process_cpu,
     start_nginx,
     wait_http,
-    which,
+    wrk_command,
 )
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -87,22 +87,6 @@ class Run:
         return self.rps / self.gateway_cores if self.gateway_cores else 0.0
 
 
-def ensure_redis() -> str:
-    path = which("redis-server")
-    if path:
-        return path
-    if os.geteuid() != 0:
-        raise BenchError("redis-server is missing: apt-get install -y redis-server (root)")
-    log("installing redis-server (Debian package)")
-    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=apt_env, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], env=apt_env, timeout=600)
-    path = which("redis-server")
-    if not path:
-        raise BenchError("redis-server could not be installed")
-    return path
-
-
 def pin_group(pgid: int, cores: set[int]) -> None:
     """Move every thread of every process in process group `pgid` to `cores`."""
     for pid, (pgrp, _) in process_cpu().items():
@@ -132,11 +116,8 @@ def wrk_run(
     procs: Procs, tools: dict, cores: set[int], url: str, headers: list[str], args, groups
 ) -> tuple[str, float, dict[str, float]]:
     """wrk against `url` on `cores`; (its output, wall seconds, CPU cores used per group)."""
-    cmd = [tools["taskset"], "-c", ",".join(map(str, sorted(cores))), tools["wrk"], "-t1"]
-    cmd += [f"-c{args.connections}", f"-d{args.duration:g}s", "--latency", "--timeout", "5s"]
-    for h in headers:
-        cmd += ["-H", h]
-    cmd.append(url)
+    pinned = ",".join(map(str, sorted(cores)))
+    cmd = wrk_command(tools, pinned, args.connections, args.duration, url, headers)
     before = group_cpu(process_cpu(), groups)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -231,8 +212,8 @@ def render(runs: list[Run], args, cores: tuple[int, int], versions: str) -> str:
 
 
 def bench(args, tmp: Path, procs: Procs) -> str:
-    tools = ensure_tools()
-    redis_server = ensure_redis()
+    tools = ensure_tools(also=("redis-server",))
+    redis_server = tools["redis-server"]
     core0, core1 = pick_cores()
     both = {core0, core1}
     upstream_port, redis_port, gateway_port = free_port(), free_port(), free_port()

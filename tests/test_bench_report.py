@@ -18,18 +18,24 @@ from gateway.dataplane.logship import EVENT_FIELDS, encode_batch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.fixture(scope="module")
-def bench_run():
+def _load(name: str, filename: str):
+    """A bench/ script as module `name`, with bench/ on sys.path as when it runs; undone after."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / filename)
         module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_run"] = module  # its dataclasses look their module up there
+        sys.modules[name] = module  # its dataclasses look their module up there
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.modules.pop("bench_run", None)
+        sys.modules.pop(name, None)
+        sys.modules.pop("run", None)  # scaling.py imports bench/run.py under that name
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def bench_run():
+    yield from _load("bench_run", "run.py")
 
 
 def event(t: float, ms: float, up_ms: float | None) -> tuple:
@@ -117,17 +123,7 @@ def test_percentile_is_nearest_rank(bench_run):
 
 @pytest.fixture(scope="module")
 def bench_scaling():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_scaling", BENCH / "scaling.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_scaling"] = module
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("bench_scaling", None)
-        sys.modules.pop("run", None)  # scaling.py imported bench/run.py under that name
-        sys.path.remove(str(BENCH))
+    yield from _load("bench_scaling", "scaling.py")
 
 
 def test_scaling_charges_cpu_to_process_groups(bench_scaling):

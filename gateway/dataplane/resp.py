@@ -56,8 +56,6 @@ def encode_command(args: tuple) -> bytes:
             arg = arg.encode()
         elif isinstance(arg, int):
             arg = b"%d" % arg
-        elif isinstance(arg, float):
-            arg = repr(arg).encode()
         out.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
     return b"".join(out)
 
@@ -187,7 +185,7 @@ class _Connection(asyncio.Protocol):
         """The future of `command`'s reply (already failed if the connection is gone)."""
         fut = self.loop.create_future()
         if self.closed:  # e.g. Redis accepted, said -ERR max clients, and hung up
-            fut.set_exception(self.error or RedisUnavailable("connection to Redis closed"))
+            fut.set_exception(self._why_closed())
             return fut
         # Written before it is queued: a write that raised must not leave a future behind
         # that would take the next command's reply.
@@ -256,11 +254,14 @@ class _Connection(asyncio.Protocol):
             self.error = RedisUnavailable(f"connection to Redis lost: {exc or 'closed'}")
         self._fail_waiting()
 
+    def _why_closed(self) -> RedisUnavailable:
+        return self.error or RedisUnavailable("connection to Redis closed")
+
     def _fail_waiting(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        error = self.error or RedisUnavailable("connection to Redis closed")
+        error = self._why_closed()
         while self.waiting:
             fut = self.waiting.popleft()[0]
             if not fut.done():
