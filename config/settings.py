@@ -21,6 +21,7 @@ from pathlib import Path
 from config.env import (
     check_url,
     env_bool,
+    env_choice,
     env_cidrs,
     env_float,
     env_int,
@@ -227,6 +228,12 @@ GATEWAY = {
     # Peers whose X-Forwarded-For/-Proto/-Host and Forwarded headers are believed (CIDRs,
     # comma-separated), e.g. the load balancer in front of the gateway. Empty: nobody's.
     "TRUSTED_PROXIES": env_cidrs("GATEWAY_TRUSTED_PROXIES"),
+    # Which header those proxies name the client in (nginx's and Kong's real_ip_header):
+    # x-forwarded-for, or forwarded (RFC 7239 for=). Only that one is read: a client could
+    # send the other, and the proxy would pass it on untouched.
+    "REAL_IP_HEADER": env_choice(
+        "GATEWAY_REAL_IP_HEADER", "x-forwarded-for", ("x-forwarded-for", "forwarded")
+    ),
     # Response cache of the embedded default, per worker (an LRU by bytes); with REDIS_URL
     # the cache is in Redis and this is unused.
     "CACHE_MEMORY_BYTES": env_int("GATEWAY_CACHE_MEMORY_BYTES", 64 * 1024 * 1024, minimum=0),

@@ -248,3 +248,36 @@ def test_request_metrics_are_counted_locally_and_flushed_as_observe_would():
         assert value(LATENCY, "_bucket", api=api, le=le) == n, le
     stage.flush()  # nothing new: nothing added twice
     assert value(REQUESTS, "_total", api=api, status="2xx") == 6
+
+
+def test_forwarded_for_nodes_and_ports():
+    from gateway.dataplane.networks import forwarded_for, strip_port
+
+    assert strip_port("203.0.113.9:5678") == "203.0.113.9"
+    assert strip_port("[2001:db8::1]:443") == "2001:db8::1"
+    assert strip_port("2001:db8::1") == "2001:db8::1"
+    assert strip_port("203.0.113.9") == "203.0.113.9"
+    assert forwarded_for('for=192.0.2.43, for="[2001:db8:cafe::17]:4711"') == [
+        "192.0.2.43",
+        "2001:db8:cafe::17",
+    ]
+    assert forwarded_for("proto=https;FOR=192.0.2.1;by=10.0.0.1") == ["192.0.2.1"]
+    assert forwarded_for("proto=https, for=_hidden") == ["unknown", "_hidden"]
+
+
+def test_client_address_from_a_forwarded_header_when_configured(db):
+    import dataclasses
+    import ipaddress
+
+    from gateway.dataplane.networks import Networks
+
+    settings = dataclasses.replace(
+        load_settings(), trusted_proxies=("10.0.0.0/8",), real_ip_header="forwarded"
+    )
+    app = GatewayApp(settings)
+    app._trusted_proxies = Networks(ipaddress.ip_network(n) for n in settings.trusted_proxies)
+    app._real_ip_header = b"forwarded"
+    fwd = [(b"forwarded", b"for=6.6.6.6, for=203.0.113.9;proto=https, for=10.0.0.2")]
+    assert app._forwarded_client(fwd) == "203.0.113.9"
+    assert app._forwarded_client([(b"x-forwarded-for", b"203.0.113.9")]) == ""
+    assert app._forwarded_client([(b"forwarded", b"for=6.6.6.6, proto=https")]) == ""

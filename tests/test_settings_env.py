@@ -95,3 +95,15 @@ def test_secret_key_is_generated_once_into_var(tmp_path):
     assert len(key) >= 50
     assert second.stdout.strip() == key
     assert (tmp_path / "secret_key").read_text().strip() == key
+
+
+def test_env_choice(monkeypatch):
+    from config.env import env_choice
+
+    monkeypatch.delenv("X_CHOICE", raising=False)
+    assert env_choice("X_CHOICE", "a", ("a", "b")) == "a"
+    monkeypatch.setenv("X_CHOICE", " B ")
+    assert env_choice("X_CHOICE", "a", ("a", "b")) == "b"
+    monkeypatch.setenv("X_CHOICE", "c")
+    with pytest.raises(ImproperlyConfigured, match="X_CHOICE must be one of a, b"):
+        env_choice("X_CHOICE", "a", ("a", "b"))

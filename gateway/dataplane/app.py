@@ -31,7 +31,7 @@ from gateway.dataplane.jwt import JwksCache, JwtVerifier
 from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redis_client
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
 from gateway.dataplane.metrics import MetricsStage
-from gateway.dataplane.networks import Networks
+from gateway.dataplane.networks import Networks, forwarded_for, strip_port
 from gateway.dataplane.pipeline import Stage, completes, settle
 from gateway.dataplane.problems import problem
 from gateway.dataplane.resp import RespClient
@@ -133,6 +133,7 @@ class GatewayApp:
         self.metrics_stage = MetricsStage()
         self._ops_port = -1
         self._trusted_proxies = Networks(())
+        self._real_ip_header = b"x-forwarded-for"
         self.targets = TargetRegistry()  # per-worker target state, kept across snapshots
         self.verified_keys = VerifiedKeys()  # keys that passed the HMAC check (authenticate)
         # JWKS key sets, kept across snapshots (so a rebuild does not refetch them): config
@@ -181,6 +182,7 @@ class GatewayApp:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self._ops_port = s.ops_port
         self._trusted_proxies = Networks(ipaddress.ip_network(n) for n in s.trusted_proxies)
+        self._real_ip_header = s.real_ip_header.encode()
         connector = aiohttp.TCPConnector(
             limit=s.upstream_pool_size, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=60
         )
@@ -830,12 +832,18 @@ class GatewayApp:
         return self._trusted_proxies.lookup(ip) is True
 
     def _forwarded_client(self, headers) -> str:
-        """The client a chain of trusted proxies forwarded for: the rightmost X-Forwarded-For
-        address that is not itself a trusted proxy (the ones left of it could be forged)."""
+        """The client a chain of trusted proxies forwarded for: the rightmost address of
+        the real-IP header (X-Forwarded-For, or Forwarded's for=) that is not itself a trusted
+        proxy (the ones left of it could be forged). Only that header is read: the other one
+        is whatever the client sent, passed on by its proxy."""
         chain: list[str] = []
+        wanted = self._real_ip_header
         for k, v in headers:
-            if k == b"x-forwarded-for":
-                chain.extend(p.strip() for p in v.decode("latin-1").split(","))
+            if k == wanted:
+                if wanted == b"forwarded":
+                    chain.extend(forwarded_for(v.decode("latin-1")))
+                else:
+                    chain.extend(strip_port(p.strip()) for p in v.decode("latin-1").split(","))
         for hop in reversed(chain):
             if not hop:
                 continue

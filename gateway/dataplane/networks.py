@@ -41,3 +41,31 @@ class Networks:
 
 
 _MISSING = object()
+
+
+def strip_port(node: str) -> str:
+    """An address as a proxy may write it, without its port: `203.0.113.9:5678` and
+    `[2001:db8::1]:443` give the address; a bare IPv6 address is left as it is."""
+    if node.startswith("["):
+        end = node.find("]")
+        return node[1:end] if end > 0 else node
+    if node.count(":") == 1:
+        return node.split(":", 1)[0]
+    return node
+
+
+def forwarded_for(value: str) -> list[str]:
+    """The `for=` nodes of a Forwarded header (RFC 7239 §4), in order, without quotes or
+    ports. An element without one gives "unknown" (a hop that did not say). `unknown` and
+    obfuscated identifiers (`_hidden`) are not addresses: a chain that reaches one falls back
+    to the peer."""
+    nodes = []
+    for element in value.split(","):
+        node = "unknown"
+        for pair in element.split(";"):
+            name, sep, val = pair.partition("=")
+            if sep and name.strip().lower() == "for":
+                node = strip_port(val.strip().strip('"'))
+                break
+        nodes.append(node)
+    return nodes

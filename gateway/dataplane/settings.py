@@ -24,6 +24,7 @@ class GatewaySettings:
     key_hmac_secret: bytes
     max_body_bytes: int = 0
     trusted_proxies: tuple[str, ...] = ()
+    real_ip_header: str = "x-forwarded-for"
     cache_memory_bytes: int = 64 << 20
 
 
@@ -57,5 +58,6 @@ def load_settings() -> GatewaySettings:
         key_hmac_secret=settings.API_KEY_HMAC_SECRET.encode(),
         max_body_bytes=g["MAX_BODY_BYTES"],
         trusted_proxies=g["TRUSTED_PROXIES"],
+        real_ip_header=g["REAL_IP_HEADER"],
         cache_memory_bytes=g["CACHE_MEMORY_BYTES"],
     )
