@@ -259,6 +259,24 @@ def test_conflicting_content_length_and_transfer_encoding_is_400(stack, live):
     assert b"application/problem+json" in head
 
 
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"identity"])
+def test_a_transfer_coding_other_than_chunked_is_501(stack, live, coding):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /demo/x HTTP/1.1\r\nHost: x\r\nX-Request-ID: te-probe-1\r\n"
+            b"Transfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n"
+        )
+        answer = sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 "), answer[:200]
+    assert b"application/problem+json" in head
+    assert b"x-request-id: te-probe-1" in head  # the client's id, on the HTTP layer's errors too
+    assert b"urn:apigw:problem:not-implemented" in body
+    assert b'"request_id":"te-probe-1"' in body.replace(b" ", b"")
+
+
 def test_encoded_paths_reach_only_the_route_the_plain_path_would(stack, live, key):
     from gateway.models import Api, Route
 

@@ -27,6 +27,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "rate-limited": (429, "Rate limit exceeded"),
     "quota-exhausted": (429, "Quota exhausted"),
     "internal": (500, "Internal gateway error"),
+    "not-implemented": (501, "Not implemented"),
     "bad-gateway": (502, "Upstream unreachable"),
     "not-ready": (503, "Gateway not ready"),
     "limiter-unavailable": (503, "Limits cannot be checked"),

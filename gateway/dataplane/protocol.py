@@ -49,6 +49,10 @@ _DETAILS = {
     414: ("uri-too-long", f"The request target is longer than {MAX_URL_BYTES} bytes."),
     431: ("header-too-large", f"The request head is larger than {MAX_HEADER_BYTES} bytes."),
     500: ("internal", "Unexpected error."),
+    501: (
+        "not-implemented",
+        "Transfer-Encoding other than chunked is not supported (RFC 9112 §6.1).",
+    ),
     503: ("overloaded", "The gateway is at its concurrency limit; retry shortly."),
 }
 # RFC 9110 §5.6.2 token characters for names; values may not hold CR, LF, NUL or other
@@ -56,6 +60,7 @@ _DETAILS = {
 # (and one over all the values) joined together covers a whole head.
 _BAD_NAME = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")  # as app.py keeps one
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 # Response header names seen, lower-cased and checked once: the same few dozen names come
 # back on every response. Bounded: a flood of odd names only empties it.
@@ -470,6 +475,11 @@ class GatewayHttpProtocol(asyncio.Protocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self._expect_100 = True
+        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # gzip, chunked and the like: the gateway would drop the coding (hop-by-hop)
+            # and send the coded bytes on as if they were the body.
+            self._refuse = 501
+            raise _Refused
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -590,7 +600,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
     def refuse(self, status: int, *, keep_alive: bool = False) -> None:
         """A gateway error answered by the server itself, as problem+json; closes unless kept."""
         slug, detail = _DETAILS[status]
-        request_id = f"{getrandbits(128):032x}"
+        request_id = self._inbound_request_id() or f"{getrandbits(128):032x}"
         body = problem(slug, detail, request_id=request_id).body
         head = [
             _STATUS_LINE[status],
@@ -605,5 +615,12 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.transport.write(b"".join(head) + b"\r\n" + body)
         if not keep_alive:
             self.transport.close()
-        if status in (400, 408, 414, 431):
+        if status in (400, 408, 414, 431, 501):
             _warn("refused a request head from %s: %d", self.client, status)
+
+    def _inbound_request_id(self) -> str | None:
+        """A well-formed X-Request-ID of the head being refused, if it got that far."""
+        for name, value in self.headers:
+            if name == b"x-request-id" and _REQUEST_ID.match(value):
+                return value.decode()
+        return None
