@@ -5,7 +5,8 @@
    event loop), and the memory the snapshot holds (tracemalloc).
 2. Key delta: the time to reload one changed key (what a revocation costs a gateway).
 3. Router: match time with 10 routes and with ROUTES routes, for a prefix, a templated and an
-   unmatched path (median of timeit repeats).
+   unmatched path, and with 10 vs ROUTES regex routes of one API and routes at one path told
+   apart by a header value (median of timeit repeats).
 4. Latency during rebuilds: the real gateway (gunicorn, one worker) on that database, an
    open-loop client at a fixed rate, once undisturbed, once while the config is rebuilt
    every second (structural bumps), once while a key changes every 0.2 s (deltas).
@@ -161,8 +162,8 @@ def measure_router(big) -> list[tuple[str, float, float]]:
 
     up = UpstreamEntry(1, "up", (), 1.0, 1.0)
 
-    def entry(i: int, base: str, path: str) -> RouteEntry:
-        p = routing.compile_path("prefix", path)
+    def entry(i: int, base: str, path: str, kind: str = "prefix", headers: str = "") -> RouteEntry:
+        p = routing.compile_path(kind, path)
         return RouteEntry(
             id=i,
             api_id=1,
@@ -174,7 +175,10 @@ def measure_router(big) -> list[tuple[str, float, float]]:
             fail_closed=False,
             upstream=up,
             segments=tuple(routing.split_path(base)) + p.segments,
-            param_names=p.params,
+            param_names=p.params if kind != "regex" else (),
+            kind=kind,
+            regex=p.regex,
+            header_conditions=routing.parse_header_conditions(headers),
         )
 
     small = Router(
@@ -192,6 +196,37 @@ def measure_router(big) -> list[tuple[str, float, float]]:
         for router in (small, big):
             runs = timeit.repeat(
                 lambda r=router, p=path: r.match("GET", p, headers, b""), number=20000, repeat=7
+            )
+            timings.append(statistics.median(runs) / 20000 * 1e6)
+        out.append((label, timings[0], timings[1]))
+    # Routes piled up at one place of the trie: regex routes of one API, and routes at one
+    # path told apart by a header's value (indexed by first segment and by value).
+    n = len(big)
+
+    def regex_routes(count: int) -> Router:
+        return Router(
+            [entry(0, "/re", "/")]
+            + [entry(i, "/re", rf"/r{i}/(?P<id>\d+)", "regex") for i in range(1, count)]
+        )
+
+    def tenant_routes(count: int) -> Router:
+        return Router([entry(i, "/tn", "/", headers=f"X-Tenant: t{i}") for i in range(count)])
+
+    piles = [
+        ("regex /re/r7/42 (regex routes of one API)", regex_routes, "/re/r7/42", headers),
+        (
+            "header X-Tenant: t7 (routes at one path)",
+            tenant_routes,
+            "/tn/x",
+            [*headers, (b"x-tenant", b"t7")],
+        ),
+    ]
+    for label, build, path, hdrs in piles:
+        timings = []
+        for router in (build(10), build(n)):
+            assert router.match("GET", path, hdrs, b"")[0].id == 7
+            runs = timeit.repeat(
+                lambda r=router, p=path, h=hdrs: r.match("GET", p, h, b""), number=20000, repeat=7
             )
             timings.append(statistics.median(runs) / 20000 * 1e6)
         out.append((label, timings[0], timings[1]))

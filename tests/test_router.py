@@ -256,3 +256,124 @@ def test_rewrite_may_only_use_captured_parameters():
 def test_header_conditions_are_validated():
     with pytest.raises(routing.RouteConfigError, match="line 2"):
         routing.parse_header_conditions("X-A: 1\nnot a condition")
+
+
+def _both(routes):
+    """The router as compiled (indexed where routes pile up) and one that only scans."""
+    import gateway.dataplane.router as router_module
+
+    indexed = Router(routes)
+    saved = router_module.INDEX_FROM
+    router_module.INDEX_FROM = 10**9
+    try:
+        scanning = Router(routes)
+    finally:
+        router_module.INDEX_FROM = saved
+    return indexed, scanning
+
+
+def test_many_regex_routes_are_indexed_by_their_literal_first_segment():
+    routes = [route(0, "/api")]
+    routes += [route(i, rf"/r{i}/(?P<n>\d+)", kind="regex", base="/api") for i in range(1, 300)]
+    routes += [
+        route(300, r"/(?P<any>[a-z]+)/list", kind="regex", base="/api"),  # no literal start
+        route(301, r"^/r5$", kind="regex", base="/api"),
+        route(302, r"/r7|/other", kind="regex", base="/api"),  # an alternation: never indexed
+        route(303, r"/r8(?:/x)?", kind="regex", base="/api"),  # "r8(" is not a literal segment
+    ]
+    indexed, scanning = _both(routes)
+    node = indexed._any.root.children["api"]
+    assert node.regex_by_segment is not None
+    assert [r.id for r in node.regex_any] == [300, 302, 303]
+    for path in [
+        "/api/r17/42",
+        "/api/r299/1",
+        "/api/r17/x",  # r17's regex fails: the prefix route
+        "/api/zz/list",
+        "/api/r5",
+        "/api/other",
+        "/api/r8",
+        "/api/r8/x",
+        "/api/r7/1",
+        "/api",
+        "/api/",
+        "/api/r3/9/",
+    ]:
+        assert match(indexed, "GET", path) == match(scanning, "GET", path), path
+    assert matched_id(indexed, "GET", "/api/r17/42") == 17
+    assert match(indexed, "GET", "/api/r17/42")[1] == {"n": "42"}
+    assert matched_id(indexed, "GET", "/api/zz/list") == 300
+    assert matched_id(indexed, "GET", "/api/other") == 302
+    assert matched_id(indexed, "GET", "/api/r8") == 303
+    assert matched_id(indexed, "GET", "/api/r17/x") == 0
+
+
+def test_many_routes_told_apart_by_a_header_value_are_indexed_by_it():
+    routes = [route(i, "/t", headers=f"X-Tenant: t{i}") for i in range(200)]
+    routes += [
+        route(200, "/t", headers="X-Tenant: t3, shared"),
+        route(201, "/t", "POST", headers="X-Tenant: *"),
+        route(202, "/t", headers="X-Tenant: t5\nX-Plan: gold"),
+        route(203, "/t"),
+        route(204, "/t", "DELETE", headers="X-Tenant: t9"),
+    ]
+    indexed, scanning = _both(routes)
+    cases = [
+        ("GET", {}),
+        ("GET", {"X-Tenant": "t7"}),
+        ("GET", {"X-Tenant": " t150 "}),
+        ("GET", {"X-Tenant": "shared"}),
+        ("GET", {"X-Tenant": "t3"}),
+        ("GET", {"X-Tenant": "nobody"}),
+        ("POST", {"X-Tenant": "nobody"}),
+        ("POST", {}),
+        ("GET", {"X-Tenant": "t5", "X-Plan": "gold"}),
+        ("GET", {"X-Tenant": "t5", "X-Plan": "tin"}),
+        ("PUT", {"X-Tenant": "t9"}),
+    ]
+    for method, headers in cases:
+        got = match(indexed, method, "/t/x", headers=list(headers.items()))
+        want = match(scanning, method, "/t/x", headers=list(headers.items()))
+        if isinstance(want, MethodNotAllowed):
+            assert isinstance(got, MethodNotAllowed) and got.allowed == want.allowed
+        else:
+            assert got == want, (method, headers)
+    assert matched_id(indexed, "GET", "/t/x", headers=[("X-Tenant", "t150")]) == 150
+    assert matched_id(indexed, "GET", "/t/x", headers=[("X-Tenant", "shared")]) == 200
+    assert (
+        matched_id(indexed, "GET", "/t/x", headers=[("X-Tenant", "t5"), ("X-Plan", "gold")]) == 202
+    )
+    assert matched_id(indexed, "GET", "/t/x", headers=[("X-Tenant", "nobody")]) == 203
+    assert matched_id(indexed, "POST", "/t/x", headers=[("X-Tenant", "nobody")]) == 201
+    assert matched_id(indexed, "PUT", "/t/x", headers=[("X-Tenant", "t9")]) == 9
+
+
+def test_indexed_and_scanning_routers_agree_on_random_tables():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(20):
+        routes = []
+        for i in range(rng.randrange(1, 60)):
+            kind = rng.choice(["prefix", "exact", "regex"])
+            headers = rng.choice(["", f"X-T: t{rng.randrange(6)}", "X-T: *", "X-T: t1, t2"])
+            methods = rng.choice(["", "GET", "POST", "GET,PUT"])
+            if kind == "regex":
+                path = rng.choice([rf"/s{rng.randrange(5)}/(?P<v>\d+)", r"/(?P<w>\w+)", r"/s1$"])
+                routes.append(
+                    route(i, path, methods, kind=kind, base="/a", headers=headers, priority=i % 3)
+                )
+            else:
+                path = rng.choice(["/a", "/a/s1", "/a/{x}", "/a/s2/{y}", "/b"])
+                routes.append(route(i, path, methods, kind=kind, headers=headers, priority=i % 3))
+        indexed, scanning = _both(routes)
+        for _ in range(40):
+            path = rng.choice(["/a", "/a/s1", "/a/s1/5", "/a/s3/7", "/a/zz", "/a/s2/q", "/b/c"])
+            method = rng.choice(["GET", "POST", "PUT", "DELETE"])
+            headers = rng.choice([[], [("X-T", f"t{rng.randrange(6)}")], [("X-T", "other")]])
+            got = match(indexed, method, path, headers=headers)
+            want = match(scanning, method, path, headers=headers)
+            if isinstance(want, MethodNotAllowed):
+                assert isinstance(got, MethodNotAllowed) and got.allowed == want.allowed
+            else:
+                assert got == want, (routes, method, path, headers)

@@ -13,8 +13,11 @@ Precedence, most specific first (README, "Routing"):
 The first route whose host, path, headers, version and method all hold wins. When some route
 matched everything but the method, the answer is 405 with the methods that would have worked.
 
-Cost: one dict lookup per path segment (a trie), plus the regexes of the matched API only;
-it does not grow with the number of routes.
+Cost: one dict lookup per path segment (a trie); it does not grow with the number of
+routes. Where many routes share one place in the trie, they are indexed too (INDEX_FROM or
+more): regex routes by the literal first segment their pattern starts with (`/orders/...`),
+and routes told apart by a header's value (`X-Tenant: t1` ... `t1000`) by that value, so a
+request tries only the routes that could match it, in the same order as without the index.
 """
 
 from __future__ import annotations
@@ -64,15 +67,112 @@ class MethodNotAllowed:
         self.allowed = allowed
 
 
+INDEX_FROM = 8  # routes at one trie node from which they are indexed (below that, a scan)
+_LITERAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-~")
+
+
+def _literal_first_segment(route: RouteEntry) -> str | None:
+    """The first path segment every match of a regex route has, when its pattern spells it
+    out (`/orders/(?P<id>\\d+)` → "orders"); None when it does not (a class, a group, an
+    alternation, a flag, an escape or a quantifier comes first)."""
+    pattern = route.regex.pattern if route.regex is not None else ""
+    if route.regex is None or route.regex.flags & re.IGNORECASE or "|" in pattern:
+        return None
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if not pattern.startswith("/"):
+        return None
+    end = 1
+    while end < len(pattern) and pattern[end] in _LITERAL:
+        end += 1
+    rest = pattern[end:]
+    if end == 1 or not (rest == "" or rest == "$" or rest.startswith("/")):
+        return None
+    return pattern[1:end]
+
+
+class _HeaderIndex:
+    """The routes at one trie node, by the value of the header most of them test: for a
+    request, the routes that could match it, in their order (a subsequence of `routes`).
+    Routes that do not test that header are in every list."""
+
+    __slots__ = ("routes", "name", "by_value", "other", "absent")
+
+    def __init__(self, routes: list[RouteEntry], name: bytes) -> None:
+        self.routes = routes
+        self.name = name
+        tests = [dict(r.header_conditions).get(name, _NO_TEST) for r in routes]
+        values = {v for a in tests if a is not _NO_TEST and a is not None for v in a}
+        self.by_value = {
+            value: [
+                r
+                for r, accepted in zip(routes, tests, strict=True)
+                if accepted is _NO_TEST or accepted is None or value in accepted
+            ]
+            for value in values
+        }
+        # A value no route names: the routes that do not test it or accept any value.
+        self.other = [r for r, a in zip(routes, tests, strict=True) if a is _NO_TEST or a is None]
+        self.absent = [r for r, a in zip(routes, tests, strict=True) if a is _NO_TEST]
+
+    def narrow(self, request: _Request) -> list[RouteEntry]:
+        value = request.header(self.name)
+        if value is None:
+            return self.absent
+        return self.by_value.get(value.strip(), self.other)
+
+
+_NO_TEST = object()
+
+
+def _header_index(routes: list[RouteEntry]) -> list[RouteEntry] | _HeaderIndex:
+    """`routes` as they are, or indexed by a header value when many of them test one."""
+    if len(routes) < INDEX_FROM:
+        return routes
+    counts: dict[bytes, int] = {}
+    for route in routes:
+        for name, accepted in route.header_conditions:
+            if accepted is not None:
+                counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return routes
+    name = max(counts, key=lambda n: (counts[n], n))
+    return _HeaderIndex(routes, name) if counts[name] >= INDEX_FROM else routes
+
+
 class _Node:
-    __slots__ = ("children", "param", "exact", "prefix", "regex")
+    __slots__ = ("children", "param", "exact", "prefix", "regex", "regex_by_segment", "regex_any")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
         self.param: _Node | None = None
-        self.exact: list[RouteEntry] = []
-        self.prefix: list[RouteEntry] = []
+        self.exact: list[RouteEntry] | _HeaderIndex = []
+        self.prefix: list[RouteEntry] | _HeaderIndex = []
         self.regex: list[RouteEntry] = []
+        # Many regex routes here: first segment below this node -> the regex routes that can
+        # match a path with it (in order); regex_any: those whose pattern has no literal one.
+        self.regex_by_segment: dict[str, list[RouteEntry]] | None = None
+        self.regex_any: list[RouteEntry] = []
+
+    def index(self) -> None:
+        """Sort the routes here into their order, then index them where there are many."""
+        for entries in (self.exact, self.prefix, self.regex):
+            entries.sort(key=_route_order)
+        self.exact = _header_index(self.exact)
+        self.prefix = _header_index(self.prefix)
+        if len(self.regex) >= INDEX_FROM:
+            firsts = [_literal_first_segment(r) for r in self.regex]
+            self.regex_any = [r for r, f in zip(self.regex, firsts, strict=True) if f is None]
+            self.regex_by_segment = {
+                seg: [r for r, f in zip(self.regex, firsts, strict=True) if f in (seg, None)]
+                for seg in {f for f in firsts if f is not None}
+            }
+
+    def regex_for(self, first: str) -> list[RouteEntry]:
+        """The regex routes here that can match a path whose next segment is `first`."""
+        if self.regex_by_segment is None:
+            return self.regex
+        return self.regex_by_segment.get(first, self.regex_any)
 
 
 def _route_order(route: RouteEntry) -> tuple:
@@ -100,8 +200,7 @@ class _PathTrie:
         stack = [self.root]
         while stack:
             node = stack.pop()
-            for entries in (node.exact, node.prefix, node.regex):
-                entries.sort(key=_route_order)
+            node.index()
             stack.extend(node.children.values())
             if node.param is not None:
                 stack.append(node.param)
@@ -120,7 +219,7 @@ class _PathTrie:
             if node.prefix:
                 prefix.append((depth, node.prefix, params))
             if node.regex:
-                regex.append((depth, node.regex, params))
+                regex.append((depth, node, params))
             if depth == n:
                 if node.exact:
                     exact.append((depth, node.exact, params))
@@ -213,11 +312,11 @@ class Router:
                 found = _first(routes, method, request, allowed)
                 if found is not None:
                     return found, _params(found, values)
-            for depth, routes, values in regex:
+            for depth, node, values in regex:
                 rest = "/" + "/".join(segs[depth:])
                 if path.endswith("/") and depth < len(segs):
                     rest += "/"
-                for route in routes:
+                for route in node.regex_for(segs[depth] if depth < len(segs) else ""):
                     m = route.regex.fullmatch(rest)
                     if m is not None and _first((route,), method, request, allowed):
                         params = _params(route, values)
@@ -260,6 +359,8 @@ class _Request:
 
 
 def _first(routes, method: str, request: _Request, allowed: set[str]) -> RouteEntry | None:
+    if type(routes) is _HeaderIndex:
+        routes = routes.narrow(request)
     for route in routes:
         if route.unconditional:
             if not route.methods or method in route.methods:
