@@ -331,3 +331,31 @@ def test_two_hosts_or_a_malformed_host_is_400(stack, live, host_lines):
                 break
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"urn:apigw:problem:bad-request" in answer
+
+
+def test_methods_priority_and_405_with_allow(stack, live, key):
+    from gateway.models import Api, Route
+
+    def build(up):
+        api = Api.objects.create(name="Meth", slug="meth", path_prefix="/meth", upstream=up)
+        Route.objects.create(api=api, name="read", path="/items", methods="GET", rewrite="/r")
+        Route.objects.create(api=api, name="write", path="/items", methods="POST", rewrite="/w")
+        # Same path and methods as "read": the higher priority wins.
+        Route.objects.create(
+            api=api, name="read2", path="/items", methods="GET", priority=5, rewrite="/r2"
+        )
+
+    configure(stack, live, build, probe="/meth/items", headers={"X-API-Key": key})
+    h = {"X-API-Key": key}
+    assert echo(stack.get("/meth/items", headers=h))["path"] == "/r2"
+    assert (
+        echo(requests.post(stack.gateway_url + "/meth/items", headers=h, timeout=5))["path"] == "/w"
+    )
+    # GET brings HEAD: the same route, without a body.
+    head = requests.head(stack.gateway_url + "/meth/items", headers=h, timeout=5)
+    assert head.status_code == 200 and head.content == b""
+    refused = requests.delete(stack.gateway_url + "/meth/items", headers=h, timeout=5)
+    assert refused.status_code == 405, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"] == "urn:apigw:problem:method-not-allowed"
+    assert refused.headers["allow"] == "GET, HEAD, POST"
