@@ -359,3 +359,38 @@ def test_methods_priority_and_405_with_allow(stack, live, key):
     assert refused.headers["content-type"] == "application/problem+json"
     assert refused.json()["type"] == "urn:apigw:problem:method-not-allowed"
     assert refused.headers["allow"] == "GET, HEAD, POST"
+
+
+def test_a_change_made_behind_the_apps_back_is_served_after_gatewayconfig_bump(stack, live, key):
+    import io
+    import time
+
+    from django.core.management import call_command
+
+    from gateway.models import Api, Route
+    from tests.procs import wait_until
+
+    def build(up):
+        api = Api.objects.create(name="Raw", slug="raw", path_prefix="/raw", upstream=up)
+        Route.objects.create(api=api, name="all", path="/", rewrite="/before")
+
+    h = {"X-API-Key": key}
+    configure(stack, live, build, probe="/raw/x", headers=h)
+    assert echo(stack.get("/raw/x", headers=h))["path"] == "/before/x"
+    # An UPDATE no signal sees (a script, a data migration): no config version, so the
+    # gateways keep their snapshot...
+    Route.objects.filter(api__slug="raw").update(rewrite="/after")
+    time.sleep(1.5)  # three poll intervals
+    assert echo(stack.get("/raw/x", headers=h))["path"] == "/before/x"
+    # ...until someone bumps it.
+    out = io.StringIO()
+    call_command("gatewayconfig", "bump", "--reason", "raw SQL fix", stdout=out)
+    assert "config version" in out.getvalue()
+    wait_until(
+        lambda: all(echo(stack.get("/raw/x", headers=h))["path"] == "/after/x" for _ in range(4)),
+        timeout=5,
+        what="the bumped configuration",
+    )
+    from gateway.models import ConfigVersion
+
+    assert ConfigVersion.objects.order_by("-version").first().reason == "raw SQL fix"

@@ -4,6 +4,7 @@
     manage.py gatewayconfig diff -f gateway.yaml [--exit-code]
     manage.py gatewayconfig apply -f gateway.yaml [--yes]
     manage.py gatewayconfig rollback N [--yes]
+    manage.py gatewayconfig bump [--reason TEXT]
 
 `-f -` reads standard input. Exit status: 0 done (or nothing to change), 1 an invalid file
 or a refused change (every problem printed as file:line: field: message), 2 with
@@ -47,9 +48,24 @@ class Command(BaseCommand):
         rollback = sub.add_parser("rollback", help="Restore the configuration of version N.")
         rollback.add_argument("version", type=int)
         rollback.add_argument("--yes", action="store_true", help="do not ask before removing")
+        bump = sub.add_parser(
+            "bump",
+            help="Make every gateway rebuild its snapshot: after changing the database by hand "
+            "(SQL, a shell, a data migration), which the admin, REST API and portal do for you.",
+        )
+        bump.add_argument("--reason", default="manual bump (gatewayconfig)")
 
     def handle(self, *args, **options):
         action = options["action"]
+        if action == "bump":
+            from django.db import transaction
+
+            from gateway.config import config_bump
+
+            with transaction.atomic():
+                version = config_bump(reason=options["reason"])
+            self.stdout.write(f"config version {version}: every gateway rebuilds its snapshot")
+            return None
         if action == "export":
             return self.export(options)
         if action == "rollback":
