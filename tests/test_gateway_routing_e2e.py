@@ -90,6 +90,26 @@ def test_host_routing_exact_and_wildcard(stack, live, key):
     assert path_for("shop.example.test") == "/wild/x"
     assert path_for("example.test") == 404
     assert path_for("127.0.0.1") == 404
+    # A request target in absolute form names the host itself (RFC 9112 §3.2.2): it wins
+    # over the Host header, for routing and for what the upstream is told.
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=5)
+    try:
+        conn.putrequest("GET", "http://api.example.test:8080/h/x", skip_host=True)
+        conn.putheader("Host", "shop.example.test")
+        conn.putheader("X-API-Key", key)
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200, body[:300]
+    seen = json.loads(body)
+    assert seen["path"] == "/exact/x"
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    assert headers["x-forwarded-host"] == "api.example.test:8080"
 
 
 def test_regex_and_header_conditions(stack, live, key):

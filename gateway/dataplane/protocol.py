@@ -493,6 +493,14 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self._method = method
             return
         url = httptools.parse_url(self.url)
+        if url.host:
+            # The absolute form (GET http://host/path): its authority is the Host, whatever a
+            # Host header says (RFC 9112 §3.2.2), for routing and forwarding alike.
+            host = b"[%b]" % url.host if b":" in url.host else url.host
+            if url.port:
+                host += b":%d" % url.port
+            self.headers = [(k, v) for k, v in self.headers if k != b"host"]
+            self.headers.append((b"host", host))
         raw_path = url.path
         path = raw_path.decode("ascii")
         if "%" in path:
