@@ -4,7 +4,8 @@ Like httpbin's /anything, so that a user can see what the gateway sent. Extra pa
 `/status/<code>` answers with that status; `/delay/<s>` answers after S seconds;
 `/stream?chunks=N&interval=S` sends N chunks S seconds apart (a slow stream, to see streaming
 and disconnects); `/_stats` counts streams completed and abandoned by their client;
-`/healthz` answers 200; `/_mode?status=503` makes every other path answer 503 (0 resets);
+`/healthz` answers 200; `/_mode?status=503` makes every other path answer 503 and
+`/_mode?delay=0.3` answer 0.3 s late (`/_mode?status=0` resets both);
 `/bytes/<n>` streams n bytes; `/hold` sends one chunk, then the rest after `/_release`.
 Run: `uvicorn gateway.demo_upstream:app --port 9000`.
 """
@@ -24,7 +25,8 @@ STATS = {
     "stream_chunks_sent": 0,
     "requests": {},  # "path?query" -> how many echo requests asked for it (tests of caching)
 }
-MODE = {"status": 0}  # /_mode: answer every request with this status (0: normally)
+# /_mode: answer every request with this status (0: normally), after this delay (seconds)
+MODE: dict[str, float] = {"status": 0, "delay": 0.0}
 
 
 async def _json(send, status: int, payload: object) -> None:
@@ -205,8 +207,14 @@ async def app(scope, receive, send) -> None:
         params = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         status = params.get("status", ["0"])[0]
         MODE["status"] = int(status) if status.isdigit() and 200 <= int(status) <= 599 else 0
+        try:
+            MODE["delay"] = min(max(float(params.get("delay", ["0"])[0]), 0.0), 5.0)
+        except ValueError:
+            MODE["delay"] = 0.0
         await _json(send, 200, MODE)
         return
+    if MODE["delay"] and scope["path"] != "/healthz":
+        await asyncio.sleep(MODE["delay"])
     if MODE["status"]:
         await _json(send, MODE["status"], {"mode": MODE["status"]})
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,35 @@ def test_https_upstream_that_fails_verification_is_502(stack, live, key, tls_ups
     resp = stack.get("/lb/anything", headers={"X-API-Key": key})
     assert resp.status_code == 502, resp.text
     assert resp.json()["type"] == "urn:apigw:problem:bad-gateway"
+
+
+def test_least_connections_keeps_new_requests_off_a_slow_target(stack, live, key, reset_pool):
+    slow, fast = reset_pool[0], reset_pool[1]
+    serve(stack, live, [slow, fast], algorithm="least_connections")
+    requests.get(f"http://127.0.0.1:{slow}/_mode?delay=0.3", timeout=5)
+
+    def client(_: int) -> list[int]:
+        return [hit(stack, key)[1] for _ in range(10)]
+
+    with ThreadPoolExecutor(6) as pool_:
+        ports = Counter(p for ports in pool_.map(client, range(6)) for p in ports)
+    # Round robin would send half (30) to the slow target; least connections sends it a new
+    # request only when it has no more in flight than the fast one.
+    assert sum(ports.values()) == 60 and set(ports) <= {slow, fast}, ports
+    assert ports[slow] <= 15, ports
+
+
+def test_consistent_hash_on_the_consumer_keeps_each_consumer_on_one_target(stack, live, pool):
+    serve(stack, live, pool, algorithm="consistent_hash", hash_on="consumer")
+    keys = [active_key(make_user(f"c{i}@example.com"), live.free).key for i in range(8)]
+    for k in keys:
+        wait_for_key(stack, k)
+    seen = {k: {hit(stack, k)[1] for _ in range(4)} for k in keys}
+    assert all(len(ports) == 1 for ports in seen.values()), seen  # every worker agrees
+    assert len(set().union(*seen.values())) >= 2, seen  # consumers spread over targets
+
+
+def test_consistent_hash_on_the_client_address(stack, live, key, pool):
+    serve(stack, live, pool, algorithm="consistent_hash", hash_on="client_ip")
+    # Every request comes from 127.0.0.1: one target, whichever worker answers.
+    assert len({hit(stack, key)[1] for _ in range(12)}) == 1
