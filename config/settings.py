@@ -223,6 +223,9 @@ GATEWAY = {
     "MAX_URL_BYTES": env_int("GATEWAY_MAX_URL_BYTES", 8 * 1024, minimum=256),
     # Seconds a client has to send a whole request head (408 after it; slowloris).
     "HEADER_TIMEOUT": env_float("GATEWAY_HEADER_TIMEOUT", 10.0, minimum=0.1),
+    # Seconds a client may send nothing of a request body it is uploading (between two reads,
+    # like nginx's client_body_timeout): 408 after it, never held against the upstream.
+    "CLIENT_BODY_TIMEOUT": env_float("GATEWAY_CLIENT_BODY_TIMEOUT", 60.0, minimum=0.1),
     # Largest request body a route accepts unless it sets its own (413 beyond; 0: no limit).
     "MAX_BODY_BYTES": env_int("GATEWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=0),
     # Peers whose X-Forwarded-For/-Proto/-Host and Forwarded headers are believed (CIDRs,

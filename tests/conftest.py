@@ -224,7 +224,8 @@ def _database_url() -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(django_db_setup, django_db_blocker, tmp_path_factory):
+def stack(request, django_db_setup, django_db_blocker, tmp_path_factory):
+    """The stack for one test module; a module's STACK_ENV dict adds to its environment."""
     from django.conf import settings
 
     if settings.REDIS_URL:
@@ -245,6 +246,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory):
         ANALYTICS_INGEST_INTERVAL_SECONDS="0.5",  # tests drain the pipeline after each test
         GATEWAY_HEADER_TIMEOUT="2",  # short, so that the slowloris test is quick
         PORTAL_URL=LIVE_PORTAL_URL,
+        **getattr(request.module, "STACK_ENV", {}),
     )
     procs: dict[str, Proc] = {}
     try:

@@ -170,3 +170,64 @@ def test_target_state_survives_a_new_snapshot_and_is_forgotten_when_removed():
     assert registry.target(1, "http", "10.0.0.1", 80, 100) is not a  # it was dropped
     assert fresh.base_url == "http://10.0.0.2:80"
     assert registry.target(2, "https", "::1", 443, 1).base_url == "https://[::1]:443"
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "least_connections", "consistent_hash"])
+def test_weight_zero_takes_no_new_traffic_in_every_algorithm(algorithm):
+    """Kong's semantics: a target of weight 0 is drained, whatever the algorithm."""
+    ts = targets(100, 0, 50)
+    b = Balancer(ts, algorithm=algorithm, hash_on="client_ip")
+    seen = Counter(b.pick(ctx(client_ip=f"10.1.{i // 256}.{i % 256}"), []) for i in range(600))
+    assert seen[ts[1]] == 0
+    assert seen[ts[0]] and seen[ts[2]]
+    # Not a retry's fallback either.
+    assert b.pick(ctx(), [ts[0], ts[2]]) in (ts[0], ts[2])
+    # Only weight 0 left (the others out): no target at all, the proxy answers 503.
+    ts[0].healthy = ts[2].healthy = False
+    assert b.pick(ctx(), []) is None
+    zero = targets(0, 0)
+    assert Balancer(zero, algorithm=algorithm).pick(ctx(), []) is None
+    (alone,) = targets(0)
+    assert Balancer((alone,), algorithm=algorithm).pick(ctx(), []) is None
+
+
+def test_a_retry_falls_back_to_a_tried_target_when_none_other_is_left():
+    (t,) = targets(100)
+    b = Balancer((t,))
+    assert b.pick(ctx(), [t]) is t
+    a, c = targets(100, 100)
+    b = Balancer((a, c))
+    assert b.pick(ctx(), [a]) is c  # an untried one first
+    assert b.pick(ctx(), [a, c]) in (a, c)
+
+
+def test_the_retry_budget_survives_a_new_snapshot():
+    """Balancers are rebuilt with every snapshot; the counters of requests and retries in
+    flight must not restart at 0 (requests in flight still decrement them later)."""
+    registry = TargetRegistry()
+    registry.begin_build()
+    old = Balancer((registry.target(1, "http", "10.0.0.1", 80, 100),), retry_budget=0)
+    registry.end_build()
+    old.budget.in_flight, old.budget.retries_in_flight = 10, 3
+    assert not old.may_retry()
+    registry.begin_build()
+    new = Balancer((registry.target(1, "http", "10.0.0.1", 80, 100),), retry_budget=0)
+    other = Balancer((registry.target(2, "http", "10.0.0.1", 80, 100),), retry_budget=0)
+    registry.end_build()
+    assert new.budget is old.budget and not new.may_retry()
+    assert other.budget is not old.budget and other.may_retry()
+    old.budget.retries_in_flight -= 1  # a retry of the old snapshot ends
+    assert new.may_retry()
+    registry.begin_build()  # upstream 1 removed: its budget goes with it
+    registry.target(2, "http", "10.0.0.1", 80, 100)
+    registry.end_build()
+    assert registry.budget(1) is not old.budget
+
+
+def test_a_budget_of_zero_still_allows_envoys_minimum_of_three_retries():
+    b = Balancer(targets(100), retry_budget=0)
+    b.in_flight = 1000
+    b.retries_in_flight = 2
+    assert b.may_retry()
+    b.retries_in_flight = 3
+    assert not b.may_retry()

@@ -264,32 +264,125 @@ def test_a_connection_closed_while_idle_is_not_reused():
     run(main())
 
 
-def test_a_reused_connection_closed_as_it_is_reused_is_retried_if_the_body_can_be_replayed():
+def test_a_reused_connection_closed_unanswered_is_retried_only_when_sending_again_is_safe():
+    """Go's net/http rule: after the request was written, only an idempotent method with a
+    replayable body is sent again; a POST that reached the upstream is not (it may have
+    been applied)."""
+
     async def close_on_second(server, reader, writer):
         first = server.connections == 1
         await server.read_head(reader)
         writer.write(OK)
         await writer.drain()
         if first:
-            await server.read_head(reader)  # the next request arrives; closed unanswered
+            head = await server.read_head(reader)  # the next request arrives; closed unanswered
+            if _content_length(head):
+                await reader.readexactly(_content_length(head))
             return
         await answer_each(server, reader, writer)
 
     async def parts():
         yield b"streamed"
 
+    def methods(server):
+        return [h.split(b" ", 1)[0] for h in server.requests]
+
     async def main():
+        for method in ("GET", "PUT", "DELETE"):
+            async with Server(close_on_second) as srv:
+                pool = UpstreamPool()
+                await get(pool, srv.port)
+                body = b"again" if method == "PUT" else None
+                assert (await get(pool, srv.port, method, body=body))[2] == b"hello"
+                assert srv.connections == 2
+                assert methods(srv) == [b"GET", method.encode(), method.encode()]
         async with Server(close_on_second) as srv:
             pool = UpstreamPool()
             await get(pool, srv.port)
-            assert (await get(pool, srv.port, "POST", body=b"again"))[2] == b"hello"
-            assert srv.connections == 2
+            with pytest.raises(UpstreamClosed):  # written: a POST is never sent twice
+                await get(pool, srv.port, "POST", body=b"charge")
+            assert srv.connections == 1
+            assert methods(srv) == [b"GET", b"POST"]
         async with Server(close_on_second) as srv:
             pool = UpstreamPool()
             await get(pool, srv.port)
             with pytest.raises(UpstreamClosed):  # a streamed body cannot be sent again
-                await get(pool, srv.port, "POST", body=parts())
+                await get(pool, srv.port, "PUT", body=parts())
             assert srv.connections == 1
+
+    run(main())
+
+
+def test_the_read_timeout_is_held_while_the_client_uploads_slowly():
+    """Waiting for the client's next body chunk is not the upstream's silence."""
+
+    async def read_all_then_answer(server, reader, writer):
+        await server.read_head(reader)
+        body = await read_chunked(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+
+    async def slow_client():
+        for part in (b"one ", b"two ", b"three"):
+            yield part
+            await asyncio.sleep(0.5)  # longer than the read timeout
+
+    async def main():
+        async with Server(read_all_then_answer) as srv:
+            pool = UpstreamPool()
+            status, _, body = await get(
+                pool, srv.port, "POST", body=slow_client(), timeout=timeouts(read=0.2)
+            )
+            assert (status, body) == (200, b"one two three")
+
+    run(main())
+
+
+def test_the_total_deadline_covers_connecting_and_can_be_given():
+    with socket.socket() as s:  # a full backlog: connecting hangs
+        s.bind(("127.0.0.1", 0))
+        s.listen(0)
+        port = s.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(8):
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(("127.0.0.1", port))
+                fillers.append(f)
+
+            async def main():
+                pool = UpstreamPool()
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                with pytest.raises(UpstreamTotalTimeout):
+                    await get(pool, port, timeout=timeouts(connect=10, total=0.3))
+                with pytest.raises(UpstreamTotalTimeout):
+                    await get(pool, port, timeout=timeouts(connect=10), deadline=loop.time() + 0.3)
+                assert loop.time() - started < 5  # neither waited for the connect timeout
+
+            run(main())
+        finally:
+            for f in fillers:
+                f.close()
+
+
+def test_the_answers_connection_header_is_exposed():
+    answer = (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+        b"connection: Other\r\ncontent-length: 2\r\n\r\nok"
+    )
+
+    async def main():
+        async with Server(lambda *a: answer_each(*a, answer=answer)) as srv:
+            pool = UpstreamPool()
+            async with pool.request("GET", "http", "127.0.0.1", srv.port, "/", []) as resp:
+                assert resp.connection == b"keep-alive, X-Hop,Other"
+            async with (
+                Server(answer_each) as plain,
+                pool.request("GET", "http", "127.0.0.1", plain.port, "/", []) as r,
+            ):
+                assert r.connection is None
 
     run(main())
 

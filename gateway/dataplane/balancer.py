@@ -11,6 +11,13 @@ let through (half-open): success closes it, failure opens it again.
 
 Active checks (HealthChecker): `unhealthy_threshold` failed probes in a row take a target out,
 `healthy_threshold` passing ones bring it back.
+
+Weight 0 takes no new traffic in every algorithm (Kong's semantics: a target being drained).
+
+The retry budget (Envoy's): retries in flight may be at most `retry_budget` × requests in
+flight, but never fewer than 3 (Envoy's min_retry_concurrency), so `retry_budget=0` still
+allows 3 concurrent retries per worker and upstream; a route's `retries=0` turns retries off.
+Its counters live in a RetryBudget per upstream that, like TargetState, outlives snapshots.
 """
 
 from __future__ import annotations
@@ -55,9 +62,12 @@ class TargetState:
         "trial",
         "active",
         "current",
+        "budget",
     )
 
-    def __init__(self, host: str, port: int, base_url: str, weight: int) -> None:
+    def __init__(
+        self, host: str, port: int, base_url: str, weight: int, budget: RetryBudget | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.base_url = base_url
@@ -71,13 +81,15 @@ class TargetState:
         self.trial = False  # a half-open trial request is in flight
         self.active = 0  # requests in flight (least connections)
         self.current = 0  # smooth weighted round robin
+        self.budget = budget  # its upstream's retry budget (shared by the upstream's targets)
 
     def __repr__(self) -> str:
         return f"<target {self.host}:{self.port}>"
 
     def available(self, now: float) -> bool:
-        """May a request go here now? (Healthy, and the circuit closed or ready for a trial.)"""
-        if not self.healthy:
+        """May a request go here now? (Weighted, healthy, and the circuit closed or ready for
+        a trial.)"""
+        if not self.healthy or self.weight <= 0:
             return False
         return not self.open_until or (now >= self.open_until and not self.trial)
 
@@ -113,11 +125,23 @@ def ssl_context(
     return context
 
 
+class RetryBudget:
+    """An upstream's requests and retries in flight in this worker (see Balancer.may_retry)."""
+
+    __slots__ = ("in_flight", "retries_in_flight")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.retries_in_flight = 0
+
+
 class TargetRegistry:
-    """The worker's TargetStates (and TLS contexts), reused by every snapshot that keeps them."""
+    """The worker's TargetStates, retry budgets (and TLS contexts), reused by every snapshot
+    that keeps them."""
 
     def __init__(self) -> None:
         self._targets: dict[tuple, TargetState] = {}
+        self._budgets: dict[int, RetryBudget] = {}
         self._ssl: dict[tuple, ssl.SSLContext | bool] = {}
         self._seen: set[tuple] = set()
 
@@ -128,10 +152,18 @@ class TargetRegistry:
         if state is None:
             netloc = f"[{host}]" if ":" in host else host
             state = self._targets[key] = TargetState(
-                host, port, f"{scheme}://{netloc}:{port}", weight
+                host, port, f"{scheme}://{netloc}:{port}", weight, self.budget(upstream_id)
             )
         state.weight = weight
         return state
+
+    def budget(self, upstream_id: int) -> RetryBudget:
+        """The upstream's retry budget: one per upstream, kept across snapshots (a Balancer
+        built over the upstream's targets takes theirs)."""
+        budget = self._budgets.get(upstream_id)
+        if budget is None:
+            budget = self._budgets[upstream_id] = RetryBudget()
+        return budget
 
     def ssl(self, key: tuple) -> ssl.SSLContext | bool:
         """A TLS context per distinct setting (key: verify, ca file, cert, key, and the files'
@@ -151,6 +183,10 @@ class TargetRegistry:
         for key in list(self._targets):
             if key not in self._seen:
                 del self._targets[key]
+        kept = {key[0] for key in self._seen}
+        for upstream_id in list(self._budgets):
+            if upstream_id not in kept:
+                del self._budgets[upstream_id]
 
 
 class Balancer:
@@ -166,6 +202,7 @@ class Balancer:
         eject_after: int = 5,
         eject_seconds: float = 10.0,
         retry_budget: float = 0.2,
+        budget: RetryBudget | None = None,
     ) -> None:
         self.targets = targets
         self.algorithm = algorithm
@@ -174,14 +211,19 @@ class Balancer:
         self.eject_after = eject_after
         self.eject_seconds = eject_seconds
         self.retry_budget = retry_budget
-        self.in_flight = 0
-        self.retries_in_flight = 0
+        # The counters outlive this Balancer (rebuilt with every snapshot): its targets carry
+        # their upstream's RetryBudget from the TargetRegistry.
+        if budget is None:
+            budget = next((t.budget for t in targets if t.budget is not None), None)
+        self.budget = budget if budget is not None else RetryBudget()
         self._tie = 0
         self._ring: list[int] = []
         self._ring_targets: list[TargetState] = []
         if algorithm == "consistent_hash":
             points = []
             for t in targets:
+                if t.weight <= 0:
+                    continue  # weight 0: no traffic, so no place on the ring
                 for i in range(max(1, t.weight * _RING_POINTS // 100)):
                     points.append((_hash(f"{t.host}:{t.port}#{i}".encode()), t))
             points.sort(key=lambda p: p[0])
@@ -233,7 +275,7 @@ class Balancer:
         best_load = 0.0
         for i in range(n):
             t = usable[(start + i) % n]
-            load = t.active / (t.weight or 1)
+            load = t.active / t.weight  # usable targets have a weight above 0
             if best is None or load < best_load:
                 best, best_load = t, load
         return best
@@ -253,7 +295,7 @@ class Balancer:
             t = self._ring_targets[(i + step) % n]
             if t in usable:
                 return t
-        return usable[0]
+        return usable[0]  # (weights changed since the ring was built: not in this snapshot)
 
     # --- outcomes ------------------------------------------------------------------------
     def succeeded(self, t: TargetState) -> None:
@@ -281,14 +323,33 @@ class Balancer:
         """A try that ended without a verdict (the client left): free the trial slot."""
         t.trial = False
 
-    def has_untried(self, tried: list[TargetState]) -> bool:
-        """Is there a usable target this request has not tried? (Retries go elsewhere.)"""
+    def any_available(self) -> bool:
+        """Could a try go anywhere now? (The same target included.)"""
         now = time.monotonic()
-        return any(t.available(now) and t not in tried for t in self.targets)
+        return any(t.available(now) for t in self.targets)
 
     def may_retry(self) -> bool:
-        """Within the retry budget? (Retries in flight ≤ max(3, budget × requests in flight).)"""
-        return self.retries_in_flight < max(3, self.retry_budget * self.in_flight)
+        """Within the retry budget? (Retries in flight < max(3, budget × requests in flight):
+        3 is Envoy's min_retry_concurrency, so a budget of 0 still allows 3.)"""
+        b = self.budget
+        return b.retries_in_flight < max(3, self.retry_budget * b.in_flight)
+
+    # The budget's counters, as attributes of the balancer (tests, metrics).
+    @property
+    def in_flight(self) -> int:
+        return self.budget.in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self.budget.in_flight = value
+
+    @property
+    def retries_in_flight(self) -> int:
+        return self.budget.retries_in_flight
+
+    @retries_in_flight.setter
+    def retries_in_flight(self, value: int) -> None:
+        self.budget.retries_in_flight = value
 
 
 def _hash(value: bytes) -> int:

@@ -16,6 +16,11 @@ class ClientDisconnected(Exception):
     """The client went away; nothing more can be sent to it."""
 
 
+class ClientBodyTimeout(Exception):
+    """The client sent nothing of its request body for GATEWAY_CLIENT_BODY_TIMEOUT seconds
+    (raised by the server protocol's receive)."""
+
+
 @dataclass(slots=True)
 class LocalResponse:
     """A response the gateway makes itself (errors, preflights); it ends the pipeline."""

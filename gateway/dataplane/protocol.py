@@ -33,6 +33,7 @@ import httptools
 from django.conf import settings
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
+from gateway.dataplane.context import ClientBodyTimeout
 from gateway.dataplane.problems import problem
 
 log = logging.getLogger("gateway.protocol")
@@ -41,6 +42,7 @@ _LIMITS = settings.GATEWAY
 MAX_HEADER_BYTES: int = _LIMITS["MAX_HEADER_BYTES"]
 MAX_URL_BYTES: int = _LIMITS["MAX_URL_BYTES"]
 HEADER_TIMEOUT: float = _LIMITS["HEADER_TIMEOUT"]
+CLIENT_BODY_TIMEOUT: float = _LIMITS["CLIENT_BODY_TIMEOUT"]
 BODY_HIGH_WATER = 64 * 1024  # request body buffered before reading from the client pauses
 
 _DETAILS = {
@@ -105,7 +107,7 @@ class _Sweeper:
     def __init__(self, loop: asyncio.AbstractEventLoop, connections: set) -> None:
         self.loop = loop
         self.connections = connections
-        self.interval = min(1.0, HEADER_TIMEOUT / 8)
+        self.interval = min(1.0, HEADER_TIMEOUT / 8, CLIENT_BODY_TIMEOUT / 8)
         self.handle = loop.call_later(self.interval, self.sweep)
 
     def sweep(self) -> None:
@@ -134,6 +136,8 @@ class _Cycle:
         "chunked",
         "remaining",
         "pending",
+        "body_wait_since",
+        "body_timed_out",
     )
 
     def __init__(self, proto: GatewayHttpProtocol, scope: dict, keep_alive: bool) -> None:
@@ -151,6 +155,8 @@ class _Cycle:
         self.chunked = False
         self.remaining = -1  # bytes still due by Content-Length; -1: not framed by it
         self.pending: bytes | None = None  # a response head not written yet
+        self.body_wait_since: float | None = None  # loop time a body read began waiting
+        self.body_timed_out = False  # the sweep found it waiting past CLIENT_BODY_TIMEOUT
 
     def wake(self) -> None:
         waiters = self.waiters
@@ -207,7 +213,15 @@ class _Cycle:
                 proto.resume_reading()
                 return {"type": "http.request", "body": body, "more_body": more}
             proto.resume_reading()
-            await self._wait()
+            self.body_wait_since = proto.loop.time()
+            try:
+                await self._wait()
+            finally:
+                self.body_wait_since = None
+            if self.body_timed_out:
+                self.body_timed_out = False
+                if not self.body and self.more_body and not self.disconnected:
+                    raise ClientBodyTimeout  # the sweep woke us: nothing came for too long
         while not self.disconnected and not self.complete:
             await self._wait()
         return {"type": "http.disconnect"}
@@ -421,6 +435,16 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 self.transport.close()  # never said a word: nothing to answer
         elif self._idle_since is not None and now - self._idle_since >= self.keepalive:
             self.transport.close()
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.body_wait_since is not None
+            and now - cycle.body_wait_since >= CLIENT_BODY_TIMEOUT
+        ):
+            # The application waits for a body that stopped coming (nginx's
+            # client_body_timeout): its read raises ClientBodyTimeout, answered 408.
+            cycle.body_timed_out = True
+            cycle.wake()
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the current response."""

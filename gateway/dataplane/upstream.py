@@ -13,11 +13,16 @@ what a reverse proxy needs:
 - response bodies parsed by httptools (Content-Length, chunked, or up to the close),
   streamed with back-pressure: reading from the upstream pauses while more than
   HIGH_WATER bytes wait for the client;
-- timeouts: connect, read (the upstream silent that long while we wait for it) and total
-  (the whole exchange), each its own error, so that the proxy can tell what may be retried;
+- timeouts: connect, read and total, each its own error, so that the proxy can tell what
+  may be retried. Read counts only the upstream's silence: while a streamed request body
+  waits for the client's next chunk the read timer is held (the client's slowness is not
+  the upstream's; the proxy's client body timeout covers it) and it restarts once the body
+  has gone. Total is a deadline (`deadline=`, loop time) over the whole exchange, the
+  connection's set-up included; the proxy passes one deadline to all tries of a request;
 - a request that fails on a reused connection before any byte of an answer came back
   (the upstream closed it while it was idle) is sent once more on a new connection when its
-  body can be replayed.
+  body can be replayed and either nothing of it was written or its method is idempotent
+  (as Go's net/http does): a POST that reached the upstream is never sent twice.
 
 Errors are UpstreamError subclasses; `connect_failed` says nothing was sent.
 """
@@ -36,10 +41,15 @@ LOW_WATER = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
+# RFC 9110 §9.2.2: sending these twice has the effect of sending them once.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
 class UpstreamError(Exception):
     """The exchange with the upstream failed."""
 
     connect_failed = False  # True: no byte of the request reached the upstream
+    upstream_fault = True  # False: it was the client we were waiting for (not charged)
 
 
 class UpstreamConnectError(UpstreamError):
@@ -73,11 +83,12 @@ class _Stale(Exception):
 class Response:
     """The upstream's answer: status and raw headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "raw_headers", "_conn", "_released")
+    __slots__ = ("status", "raw_headers", "connection", "_conn", "_released")
 
     def __init__(self, conn: _Connection, status: int, headers: list) -> None:
         self.status = status
         self.raw_headers = headers  # [(name as sent, value)], bytes
+        self.connection = conn.connection  # the Connection header's value(s), or None
         self._conn = conn
         self._released = False
 
@@ -155,6 +166,7 @@ class _Connection(asyncio.Protocol):
         self.head_waiter: asyncio.Future | None = None
         self.status = 0
         self.headers: list = []
+        self.connection: bytes | None = None  # the answer's Connection header (its tokens)
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.done = False
@@ -170,6 +182,8 @@ class _Connection(asyncio.Protocol):
         self.last_read = 0.0
         self.timers: list[asyncio.TimerHandle] = []
         self.writer: asyncio.Task | None = None
+        self.awaiting_body = False  # the writer waits for the client's next body chunk
+        self.write_failed = False  # the request's one write failed: nothing reached the peer
         self._chunked = False
         self.busy = False  # an exchange is on this connection
 
@@ -213,11 +227,14 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if len(name) == 10 and name.lower() == b"connection":
+            self.connection = value if self.connection is None else self.connection + b"," + value
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # interim (100 Continue, 103): the real answer follows
             self.headers = []
+            self.connection = None
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
@@ -282,10 +299,11 @@ class _Connection(asyncio.Protocol):
         if not self.closed:
             self.transport.resume_reading()
 
-    def start(self, head: bytes, body, head_only: bool, timeout) -> asyncio.Future:
+    def start(self, head: bytes, body, head_only: bool, timeout, deadline) -> asyncio.Future:
         self.busy = True
         self.status = 0
         self.headers = []
+        self.connection = None
         self.chunks.clear()
         self.buffered = 0
         self.done = False
@@ -295,10 +313,12 @@ class _Connection(asyncio.Protocol):
         self.close_delimited = False
         self.keep_alive = True
         self.head_waiter = waiter = self.loop.create_future()
-        if timeout is not None:
-            self._arm(timeout)
+        if timeout is not None or deadline is not None:
+            self._arm(timeout, deadline)
         if body is None or isinstance(body, bytes | bytearray):
             self.transport.write(head + body if body else head)
+            # A send that failed at once (the peer had reset it) wrote nothing.
+            self.write_failed = self.transport.is_closing()
         else:
             self.transport.write(head)
             self.writer = self.loop.create_task(self._write_stream(body))
@@ -306,8 +326,19 @@ class _Connection(asyncio.Protocol):
 
     async def _write_stream(self, body) -> None:
         chunked = self._chunked
+        loop = self.loop
+        body = body.__aiter__()
         try:
-            async for chunk in body:
+            while True:
+                # Waiting for the client: the read timer holds (see _read_timer).
+                self.awaiting_body = True
+                try:
+                    chunk = await body.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self.awaiting_body = False
+                    self.last_read = loop.time()  # the upstream's silence counts from here
                 if self.closed or self.error is not None:
                     return
                 if not chunk:
@@ -316,43 +347,48 @@ class _Connection(asyncio.Protocol):
                     self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 else:
                     self.transport.write(chunk)
-                self.last_read = self.loop.time()  # the upstream takes the body: progress
                 if self.writing_paused:
-                    self.drain_waiter = self.loop.create_future()
+                    self.drain_waiter = loop.create_future()
                     await self.drain_waiter
+                    self.last_read = loop.time()  # the upstream took the body: progress
             if chunked and not self.closed:
                 self.transport.write(b"0\r\n\r\n")
         except UpstreamError:
             return  # the read side reports it
-        except Exception as exc:  # the client's body failed (left, too large): end here
+        except Exception as exc:  # the client's body failed (left, too large, too slow)
             self._fail(exc)
             if self.transport is not None:
                 self.transport.close()
 
-    def _arm(self, timeout) -> None:
-        connect_read = getattr(timeout, "sock_read", None)
-        total = getattr(timeout, "total", None)
+    def _arm(self, timeout, deadline) -> None:
+        read = getattr(timeout, "sock_read", None)
         loop = self.loop
         self.last_read = loop.time()
-        if connect_read:
-            self.timers.append(loop.call_later(connect_read, self._read_timer, connect_read))
-        if total:
-            self.timers.append(loop.call_later(total, self._timed_out, UpstreamTotalTimeout))
+        if read:
+            self.timers.append(loop.call_later(read, self._read_timer, read))
+        if deadline is not None:
+            self.timers.append(loop.call_at(deadline, self._timed_out, UpstreamTotalTimeout))
 
     def _read_timer(self, interval: float) -> None:
         if self.done or self.error is not None:
             return
+        # Held while we wait for the client (its body) or the client waits for us (paused).
+        if self.reading_paused or self.awaiting_body:
+            self.timers.append(self.loop.call_later(interval, self._read_timer, interval))
+            return
         waited = self.loop.time() - self.last_read
-        if self.reading_paused or waited < interval:
-            remaining = interval if self.reading_paused else interval - waited
-            self.timers.append(self.loop.call_later(remaining, self._read_timer, interval))
+        if waited < interval:
+            self.timers.append(self.loop.call_later(interval - waited, self._read_timer, interval))
             return
         self._timed_out(UpstreamReadTimeout)
 
     def _timed_out(self, kind) -> None:
         if self.done or self.error is not None:
             return
-        self._fail(kind("the upstream did not answer in time"))
+        exc = kind("the upstream did not answer in time")
+        if self.awaiting_body:
+            exc.upstream_fault = False  # the deadline passed while the client was uploading
+        self._fail(exc)
         self.transport.close()
 
     def finish(self) -> None:
@@ -425,34 +461,75 @@ class UpstreamPool:
         body: Any = None,
         *,
         timeout=None,
+        deadline: float | None = None,
         tls: ssl_module.SSLContext | bool = True,
         server_hostname: str | None = None,
     ) -> _Exchange:
         """`target` is the request target as sent (path and query, already encoded);
-        `headers` (name, value) bytes pairs, Host among them or added from host:port."""
+        `headers` (name, value) bytes pairs, Host among them or added from host:port.
+        `timeout`: its sock_connect and sock_read apply per connection; its total from now,
+        unless `deadline` (loop time) is given, which then ends the whole exchange."""
         return _Exchange(
             self,
-            (method, scheme, host, port, target, headers, body, timeout, tls, server_hostname),
+            (
+                method,
+                scheme,
+                host,
+                port,
+                target,
+                headers,
+                body,
+                timeout,
+                deadline,
+                tls,
+                server_hostname,
+            ),
         )
 
     async def _request(
-        self, method, scheme, host, port, target, headers, body, timeout, tls, server_hostname
+        self,
+        method,
+        scheme,
+        host,
+        port,
+        target,
+        headers,
+        body,
+        timeout,
+        deadline,
+        tls,
+        server_hostname,
     ) -> Response:
         https = scheme == "https"
         tls_context = self._tls(tls) if https else None
         key = (https, host, port, server_hostname, id(tls_context))
         head, chunked = _head(method, target, headers, host, port, https, body)
         replayable = body is None or isinstance(body, bytes | bytearray)
+        idempotent = method in IDEMPOTENT_METHODS
         head_only = method == "HEAD"
+        if deadline is None and timeout is not None:
+            total = getattr(timeout, "total", None)
+            if total:
+                deadline = self.loop.time() + total
         while True:
-            conn = await self._get(key, host, port, tls_context, server_hostname, timeout)
+            conn = await self._get(key, host, port, tls_context, server_hostname, timeout, deadline)
             conn._chunked = chunked
             try:
-                waiter = conn.start(head, body, head_only, timeout)
+                if conn.reused and (conn.closed or conn.transport.is_closing()):
+                    raise _Stale  # found closed before a byte was written: any method
+                waiter = conn.start(head, body, head_only, timeout, deadline)
                 try:
                     await waiter
                 except UpstreamClosed:
-                    if conn.reused and not conn.got_bytes and replayable:
+                    # Closed before any byte of an answer: it was closing while idle, or it
+                    # read the request and died. Only a request that may be applied twice
+                    # is sent again (RFC 9110 §9.2.2); a POST whose bytes went is not.
+                    if (
+                        conn.reused
+                        and not conn.got_bytes
+                        and replayable
+                        and (idempotent or conn.write_failed)
+                    ):
                         raise _Stale from None
                     raise
             except _Stale:
@@ -463,7 +540,9 @@ class UpstreamPool:
                 raise
             return Response(conn, conn.status, conn.headers)
 
-    async def _get(self, key, host, port, tls_context, server_hostname, timeout) -> _Connection:
+    async def _get(
+        self, key, host, port, tls_context, server_hostname, timeout, deadline
+    ) -> _Connection:
         while True:
             idle = self._idle.get(key)
             if idle:
@@ -485,9 +564,21 @@ class UpstreamPool:
                     break
             fut = self.loop.create_future()
             self._waiting.append(fut)
-            await fut
+            if deadline is None:
+                await fut
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await fut
+                except TimeoutError:
+                    raise UpstreamTotalTimeout("no upstream connection free in time") from None
         self._open += 1
         connect_timeout = getattr(timeout, "sock_connect", None) if timeout else None
+        by_deadline = False
+        if deadline is not None:
+            left = deadline - self.loop.time()
+            if connect_timeout is None or left < connect_timeout:
+                connect_timeout, by_deadline = max(left, 0.0), True
         kwargs: dict[str, Any] = {}
         if tls_context is not None:
             kwargs = {"ssl": tls_context, "server_hostname": server_hostname or host}
@@ -499,6 +590,8 @@ class UpstreamPool:
         except TimeoutError:
             self._open -= 1
             self._wake_one()
+            if by_deadline:  # the request's total ran out while connecting
+                raise UpstreamTotalTimeout(f"no connection to {host}:{port} in time") from None
             raise UpstreamConnectTimeout(f"no connection to {host}:{port} in time") from None
         except (OSError, ssl_module.SSLError) as exc:
             self._open -= 1

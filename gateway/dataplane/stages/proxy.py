@@ -5,6 +5,12 @@ Bodies are never buffered:
 request chunks go up as the client sends them, response chunks come down as they arrive.
 A client that disconnects mid-response cancels the upstream exchange (a streaming upstream
 must not be read forever for nobody).
+
+Timeouts: the route's total `timeout` is one deadline for the whole exchange (connecting and
+every retry included, as Envoy's route timeout); connect and read timeouts apply per try
+inside it. A client that sends nothing of its body for CLIENT_BODY_TIMEOUT seconds gets 408
+(nginx's client_body_timeout; the server protocol's sweep raises ClientBodyTimeout in the
+read); that is never held against the upstream target.
 """
 
 from __future__ import annotations
@@ -16,13 +22,25 @@ import time
 from random import getrandbits
 from urllib.parse import quote, unquote_plus
 
+from django.conf import settings
 from multidict import CIMultiDict
 
 from gateway.dataplane.balancer import IDEMPOTENT, RETRY_STATUSES, TargetState
-from gateway.dataplane.context import ClientDisconnected, LocalResponse, RequestContext
+from gateway.dataplane.context import (
+    ClientBodyTimeout,
+    ClientDisconnected,
+    LocalResponse,
+    RequestContext,
+)
 from gateway.dataplane.problems import problem
 from gateway.dataplane.stages.transform import HeaderOps, ResponseTransform, is_json
-from gateway.dataplane.upstream import UpstreamConnectTimeout, UpstreamError
+from gateway.dataplane.upstream import (
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamTotalTimeout,
+)
+
+_CLIENT_BODY_TIMEOUT: float = settings.GATEWAY["CLIENT_BODY_TIMEOUT"]  # 408 past it
 
 # RFC 9110 §7.6.1 hop-by-hop fields.
 HOP_BY_HOP = frozenset(
@@ -237,7 +255,8 @@ class ProxyHandler:
         return out
 
     async def _body(self, ctx: RequestContext):
-        """The request body: bytes when it came in one message, else a streaming iterator."""
+        """The request body: bytes when it came in one message, else a streaming iterator.
+        Each read of it may raise ClientBodyTimeout."""
         first = await ctx.receive()
         if first["type"] == "http.disconnect":
             ctx.client_gone = True
@@ -310,54 +329,84 @@ class ProxyHandler:
         except BodyTooLarge:
             ctx.error_kind = "body_too_large"
             return body_too_large(ctx)
+        except ClientBodyTimeout:
+            ctx.error_kind = "client_body_timeout"
+            return client_body_timeout(ctx)
+        # The route's total: one deadline over every try, connecting included, from when the
+        # request (or the first part of a streamed body) is in.
+        total = timeout.total if timeout is not None else None
+        deadline = asyncio.get_running_loop().time() + total if total else None
         idempotent = ctx.method in IDEMPOTENT
         tries_left = route.retries
         tried: list[TargetState] = []
-        balancer.in_flight += 1
+        budget = balancer.budget  # outlives snapshots: counters stay right across a swap
+        budget.in_flight += 1
         retrying = False
+        failure = None
         try:
             while True:
                 target = balancer.pick(ctx, tried)
                 if target is None:
+                    if failure is not None:
+                        return failure  # the last try's answer beats "no target" on a retry
                     ctx.error_kind = "no_target"
                     return problem(
                         "no-healthy-target",
-                        f"Upstream '{upstream.name}' has no healthy target.",
+                        f"Upstream '{upstream.name}' has no healthy or available target.",
                         request_id=ctx.request_id,
                     )
                 tried.append(target)
                 # Retry only what is safe to send again: nothing of a streamed body has gone
                 # (it cannot be replayed), and past the connection only idempotent methods.
-                # A retry goes to another target, as nginx's proxy_next_upstream does.
-                can_retry = (
-                    tries_left > 0
-                    and not ctx.body_streamed
-                    and balancer.may_retry()
-                    and balancer.has_untried(tried)
-                )
+                # A retry prefers a target not tried yet (nginx's proxy_next_upstream), else
+                # any available one, the same again included (pick() chooses).
+                can_retry = tries_left > 0 and not ctx.body_streamed and balancer.may_retry()
                 outcome = await self._exchange(
-                    ctx, target, path, headers, data, timeout, last=not (can_retry and idempotent)
+                    ctx,
+                    target,
+                    path,
+                    headers,
+                    data,
+                    timeout,
+                    deadline,
+                    last=not (can_retry and idempotent),
                 )
                 if outcome is None:
                     return None  # answered (or the client left)
                 failure, retry_any_method = outcome
-                if not can_retry or not (retry_any_method or idempotent) or ctx.body_streamed:
+                if (
+                    not can_retry
+                    or retry_any_method is None  # the route's deadline has passed
+                    or not (retry_any_method or idempotent)
+                    or ctx.body_streamed
+                    or (deadline is not None and asyncio.get_running_loop().time() >= deadline)
+                ):
                     return failure
                 tries_left -= 1
                 ctx.retries += 1
                 if not retrying:
                     retrying = True
-                    balancer.retries_in_flight += 1
+                    budget.retries_in_flight += 1
         finally:
-            balancer.in_flight -= 1
+            budget.in_flight -= 1
             if retrying:
-                balancer.retries_in_flight -= 1
+                budget.retries_in_flight -= 1
 
     async def _exchange(
-        self, ctx: RequestContext, target: TargetState, path, headers, data, timeout, *, last
-    ) -> tuple[LocalResponse, bool] | None:
+        self,
+        ctx: RequestContext,
+        target: TargetState,
+        path,
+        headers,
+        data,
+        timeout,
+        deadline,
+        *,
+        last,
+    ) -> tuple[LocalResponse, bool | None] | None:
         """One try against one target. None when the client got an answer (or left); else
-        (the problem to answer with, whether even a non-idempotent request may be retried)."""
+        (the problem to answer with, whether even a non-idempotent request may be retried:
+        None when no request may, the route's total deadline being over)."""
         upstream = ctx.route.upstream
         balancer = upstream.balancer
         send = ctx.send
@@ -376,6 +425,7 @@ class ProxyHandler:
                 headers,
                 data,
                 timeout=timeout,
+                deadline=deadline,
                 tls=upstream.ssl,
                 server_hostname=upstream.server_hostname,
             ) as resp:
@@ -384,14 +434,25 @@ class ProxyHandler:
                 if status in RETRY_STATUSES:
                     verdict = False
                     if not last and not ctx.body_streamed:
-                        # Another try will answer: this one is dropped, unread.
-                        return _upstream_status_problem(ctx, status), False
+                        # Told now, for the question: is any target left for another try?
+                        balancer.failed(target)
+                        verdict = "judged"
+                        if balancer.any_available():
+                            # Another try will answer: this one is dropped, unread.
+                            return _upstream_status_problem(ctx, status), False
+                        # None left (this failure opened the last circuit): it passes through.
                 else:
                     # Judged on the head: a long answer (a stream) must not hold the circuit's
                     # half-open trial slot until it ends.
                     balancer.succeeded(target)
                     verdict = "judged"
                 not_returned = self.not_returned
+                if resp.connection is not None:
+                    # Fields the upstream's Connection names are hop-by-hop too (RFC 9110
+                    # §7.6.1), as on the way up.
+                    not_returned = not_returned | {
+                        t.strip().lower() for t in resp.connection.split(b",")
+                    }
                 out = [(k, v) for k, v in resp.raw_headers if k.lower() not in not_returned]
                 if self.response_headers is not None:
                     out = self.response_headers.apply(out, ctx)
@@ -442,6 +503,17 @@ class ProxyHandler:
                 verdict = None
                 ctx.error_kind = "body_too_large"
                 return body_too_large(ctx), False
+            if isinstance(exc, ClientBodyTimeout) or not getattr(exc, "upstream_fault", True):
+                # The client was slow, not the upstream: never held against the target.
+                verdict = None
+                if ctx.response_started:
+                    ctx.error_kind = "client_body_timeout"
+                    raise
+                if isinstance(exc, ClientBodyTimeout):
+                    ctx.error_kind = "client_body_timeout"
+                    return client_body_timeout(ctx), False
+                ctx.error_kind = "upstream_timeout"
+                return _timeout_problem(ctx), None
             verdict = False
             if ctx.response_started:
                 ctx.error_kind = "upstream_aborted"
@@ -449,6 +521,9 @@ class ProxyHandler:
             if isinstance(exc, UpstreamConnectTimeout):
                 ctx.error_kind = "upstream_timeout"
                 return _timeout_problem(ctx), True  # nothing was sent
+            if isinstance(exc, UpstreamTotalTimeout):
+                ctx.error_kind = "upstream_timeout"
+                return _timeout_problem(ctx), None  # the deadline of every try
             if isinstance(exc, TimeoutError):
                 ctx.error_kind = "upstream_timeout"
                 return _timeout_problem(ctx), False
@@ -570,6 +645,16 @@ def body_too_large(ctx: RequestContext) -> LocalResponse:
     return problem(
         "body-too-large",
         f"The request body is larger than {ctx.route.max_body} bytes.",
+        request_id=ctx.request_id,
+        headers=[(b"connection", b"close")],
+    )
+
+
+def client_body_timeout(ctx: RequestContext) -> LocalResponse:
+    """408 for a client that stopped sending its body (the connection is closed after it)."""
+    return problem(
+        "request-timeout",
+        f"The request body stalled for more than {_CLIENT_BODY_TIMEOUT:g} s.",
         request_id=ctx.request_id,
         headers=[(b"connection", b"close")],
     )
