@@ -240,6 +240,12 @@ GATEWAY = {
     # Response cache of the embedded default, per worker (an LRU by bytes); with REDIS_URL
     # the cache is in Redis and this is unused.
     "CACHE_MEMORY_BYTES": env_int("GATEWAY_CACHE_MEMORY_BYTES", 64 * 1024 * 1024, minimum=0),
+    # The on-disk cache of the last good configuration, served by a worker that starts while
+    # the database cannot be read (README: configuration snapshots); empty: no cache.
+    "CONFIG_CACHE_DIR": env_str("GATEWAY_CONFIG_CACHE_DIR", str(VAR_DIR / "gateway")),
+    # Testing aid, off by default: seconds a rebuild sleeps after its reads (a slow database
+    # made deterministic, to show key deltas are applied while a rebuild runs).
+    "SNAPSHOT_BUILD_DELAY": env_float("GATEWAY_SNAPSHOT_BUILD_DELAY", 0.0, minimum=0.0),
 }
 
 # --- Analytics ----------------------------------------------------------------------------

@@ -74,14 +74,24 @@ def config_current_stamp() -> tuple[str, int]:
     return (str(row[0]), row[1]) if row else ("", 0)
 
 
-def config_key_changes(since: int, until: int) -> set[str] | None:
-    """Key ids changed by versions since < v <= until; None if any of them was structural
-    (or history is missing), so that the gateway must rebuild."""
+def config_changes(since: int, until: int) -> tuple[set[str], bool] | None:
+    """The key ids changed by the key-only versions since < v <= until, and whether any
+    version in between was structural; None if history is missing (rebuild)."""
     rows = list(
         ConfigVersion.objects.filter(version__gt=since, version__lte=until).values_list(
             "key_ids", flat=True
         )
     )
-    if len(rows) != until - since or any(r is None for r in rows):
+    if len(rows) != until - since:
         return None
-    return {k for r in rows for k in r}
+    return {k for r in rows if r is not None for k in r}, any(r is None for r in rows)
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Did a config read fail because the database is unreachable or unusable (retry at the
+    poll interval), rather than because the configuration itself is bad?"""
+    from django.db import DatabaseError, InterfaceError, OperationalError
+
+    return isinstance(exc, OperationalError | InterfaceError | ConnectionError | TimeoutError) or (
+        type(exc) is DatabaseError  # e.g. SQLite's "file is not a database"
+    )

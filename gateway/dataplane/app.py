@@ -38,16 +38,19 @@ from gateway.dataplane.resp import RespClient
 from gateway.dataplane.router import MethodNotAllowed, normalize_path
 from gateway.dataplane.settings import GatewaySettings, load_settings
 from gateway.dataplane.snapshot import (
+    ConfigSource,
     KeyEntry,
     RouteEntry,
     Snapshot,
+    cache_path,
     compile_snapshot,
-    load_cache_purges,
-    load_config,
-    load_identities,
-    load_key_delta,
+    load_catch_up,
+    load_key_changes,
     load_keys,
-    load_upstreams,
+    load_source,
+    pickle_structure,
+    read_cache,
+    write_cache,
 )
 from gateway.dataplane.stages.aggregate import AggregateHandler
 from gateway.dataplane.stages.aggregate import Call as AggregateCall
@@ -73,7 +76,12 @@ log = logging.getLogger("gateway")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
 # Stages about HTTP payloads: a WebSocket handshake skips them (its messages are relayed).
 _NOT_FOR_WEBSOCKET = frozenset({"cors", "validate", "transform_request", "cache"})
-RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to build is tried again this often
+RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to compile is tried again this often
+# The on-disk config cache is rewritten at most this often (key deltas coalesce): a write of
+# 100,000 keys costs ~0.1 s of a helper thread, and slows the event loop while it runs (it
+# shares the GIL). A worker that starts without the database may miss the last 5 s of key
+# changes, until the database answers.
+CACHE_WRITE_INTERVAL = 5.0  # seconds
 # sys.setswitchinterval of a gateway worker: when a helper thread (the database thread:
 # config polls, quota counters, snapshot builds; the spool writer) runs Python, the event
 # loop waits at most this long for the GIL, not CPython's default 5 ms.
@@ -89,6 +97,17 @@ def http_date() -> bytes:
     if _date_cache[0] != now:
         _date_cache = (now, formatdate(now, usegmt=True).encode())
     return _date_cache[1]
+
+
+def _apply_keys(keys: dict[str, KeyEntry], changed: set[str], entries: dict) -> None:
+    """A key delta, in place, between two requests (no await): a request sees each key
+    before or after its change."""
+    for key_id in changed:
+        entry = entries.get(key_id)
+        if entry is None:
+            keys.pop(key_id, None)
+        else:
+            keys[key_id] = entry
 
 
 class ThrottledLog:
@@ -118,6 +137,11 @@ class GatewayApp:
         self.settings = settings
         self.snapshot: Snapshot | None = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-db")
+        # Rebuilds read and compile in their own thread, so that key deltas (the DB thread)
+        # keep reaching the serving snapshot while a rebuild of seconds runs; and the config
+        # cache is written in a third, so that its pickling never holds up a delta either.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-build")
+        self._cache_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-cache")
         self._tasks: list[asyncio.Task] = []
         self._session: aiohttp.ClientSession | None = None  # health checks, JWKS, aggregates
         self._pool: UpstreamPool | None = None  # the proxy's upstream connections
@@ -146,8 +170,23 @@ class GatewayApp:
         self._cache_purges: dict[str, float] = {}  # purged cache keys of the snapshot built
         self.health = HealthChecker(self._get_session)
         self._drops_reported = 0
-        self._seen: tuple[str, int] = ("", -1)  # the config (epoch, version) last processed
+        # The config (epoch, version) the serving snapshot's keys are current through; its
+        # routes are those of self._source.version (older while a rebuild is due).
+        self._seen: tuple[str, int] = ("", -1)
+        self._source: ConfigSource | None = None  # what the serving snapshot was compiled from
+        self._stale = True  # a structural change (or a start) awaits a rebuild
         self._broken_since: float | None = None  # the last rebuild failed (monotonic time)
+        self._from_cache = False  # serving the on-disk cache (the database was unreadable)
+        self._building = False  # a rebuild is under way (in the build thread)
+        self._checked_at = time.time()  # last successful read of the config version
+        self._last_warning = 0.0
+        self._cache_path = None  # pathlib.Path of the on-disk config cache, set at start-up
+        self._cache_pending = False
+        self._cache_task: asyncio.Task | None = None
+        self._cache_written = 0.0
+        # (source id, its structure pickled in pieces): pickled once per rebuild
+        self._cache_structure: tuple[tuple, list[bytes]] | None = None
+        self._counters_loaded = False
         self._profiler = None
 
     # --- ASGI entry ---------------------------------------------------------------------
@@ -209,10 +248,11 @@ class GatewayApp:
         else:
             self.limiter = MemoryLimiter()
             self.cache_store = MemoryStore(s.cache_memory_bytes)
-            await self._run_db(self._load_counters)
+            await self._try_load_counters()
             sink = SpoolSink(s.log_spool_dir)
         self.shipper = LogShipper(self.buffer, sink, interval=s.log_flush_interval)
-        await self.refresh_snapshot()
+        self._cache_path = cache_path(s.config_cache_dir)
+        await self._first_snapshot()
         self._tasks = [
             asyncio.create_task(self.shipper.run(), name="log-shipper"),
             asyncio.create_task(self._watch_config(), name="config-watch"),
@@ -250,8 +290,11 @@ class GatewayApp:
         if self.shipper:
             await self.shipper.drain()
             self._set_gauges()  # the drain's losses reach the metric before the worker ends
-        if isinstance(self.limiter, MemoryLimiter):
-            await self._run_db(self._save_counters)
+        if isinstance(self.limiter, MemoryLimiter) and self._counters_loaded:
+            try:
+                await self._run_db(self._save_counters)
+            except Exception as exc:
+                log.warning("could not persist quota counters at shutdown: %s", exc)
         if self._session:
             await self._session.close()
         if self._pool is not None:
@@ -261,6 +304,10 @@ class GatewayApp:
         for client in (self._resp, self._resp_cache):
             if client is not None:
                 await client.close()
+        if self._cache_task is not None:
+            self._cache_task.cancel()
+        self._cache_exec.shutdown(wait=True)  # a write under way finishes (it is atomic)
+        self._builder.shutdown(wait=False, cancel_futures=True)
         self._db.shutdown(wait=True)
 
     # --- configuration --------------------------------------------------------------------
@@ -273,95 +320,295 @@ class GatewayApp:
 
         return await asyncio.get_running_loop().run_in_executor(self._db, call)
 
+    async def _read_config(self, fn, *args):
+        """A config read in the DB thread; a database error is counted as one."""
+        from gateway.config import is_database_error
+
+        try:
+            return await self._run_db(fn, *args)
+        except Exception as exc:
+            if is_database_error(exc):
+                metrics.CONFIG_DB_ERRORS.inc()
+            raise
+
     async def refresh_snapshot(self) -> bool:
         """Bring the snapshot to the current config version; True if it changed.
 
-        Key-only changes are applied as a delta. Anything else rebuilds; a rebuild that fails
-        keeps the last good routes serving, but with every key reloaded (a revocation must
-        not wait for someone to fix a route), and is tried again on the next structural
-        change or after RETRY_BROKEN_SECONDS.
+        Key-only changes are applied to the serving snapshot as deltas, also while a rebuild
+        runs (in its own thread). A rebuilt snapshot, read at one version, applies the key
+        changes committed since (the change log) before it is swapped in, so a rebuild never
+        delays nor loses a revocation. A rebuild that fails to compile keeps the last good
+        routes serving, with every key reloaded, and is tried again on the next structural
+        change or after RETRY_BROKEN_SECONDS. A database error is not a broken configuration:
+        it is counted apart (CONFIG_DB_ERRORS) and the read is retried at the next poll.
         """
+        changed = await self._apply_deltas()
+        broken = self._broken_since is not None and (
+            time.monotonic() - self._broken_since < RETRY_BROKEN_SECONDS
+        )
+        if not self._stale or broken:
+            return changed
+        return await self._rebuild() or changed
+
+    async def _apply_deltas(self) -> bool:
+        """Read the config version; apply the key-only changes since the last one to the
+        serving snapshot; note whether a rebuild is due. True if keys changed."""
         from gateway.config import config_current_stamp
 
-        epoch, version = await self._run_db(config_current_stamp)
+        epoch, version = await self._read_config(config_current_stamp)
+        self._checked_at = time.time()
         current = self.snapshot
         seen_epoch, seen = self._seen
-        if current is not None and (epoch, version) == (seen_epoch, seen):
-            if self._broken_since is None or time.monotonic() - self._broken_since < (
-                RETRY_BROKEN_SECONDS
-            ):
-                return False
-        elif current is not None and epoch == seen_epoch and version > seen:
-            started = time.perf_counter()
-            delta = await self._run_db(load_key_delta, seen, version)
-            if delta is not None:
-                changed, entries = delta
-                # Applied in place, between two requests (no await in this loop): a request
-                # sees each key before or after its change. The router stays as it is.
-                keys = current.keys
-                for key_id in changed:
-                    entry = entries.get(key_id)
-                    if entry is None:
-                        keys.pop(key_id, None)
-                    else:
-                        keys[key_id] = entry
-                self._seen = (epoch, version)
-                if self._broken_since is None:
-                    self.snapshot = dataclasses.replace(current, version=version)
-                log.info(
-                    "config v%s: %d keys changed in %.1f ms (delta)",
-                    version,
-                    len(changed),
-                    (time.perf_counter() - started) * 1000,
-                )
-                return True
+        if current is None or epoch != seen_epoch or version < seen:
+            self._stale = True  # a first build, or a database that was reset or restored
+            return False
+        if version == seen:
+            return False
+        started = time.perf_counter()
+        delta = await self._read_config(load_key_changes, seen, version)
+        if self.snapshot is not current or self._seen != (seen_epoch, seen):
+            return False  # swapped meanwhile (a rebuild finished): the next poll continues
+        if delta is None:  # history is missing: only a rebuild catches up
+            self._stale = True
+            return False
+        changed, entries, plans, structural = delta
+        _apply_keys(current.keys, changed, entries)
+        if self._source is not None:
+            self._source.plans.update(plans)
+        self._seen = (epoch, version)
+        if structural:
+            self._stale = True
+            self._broken_since = None  # a new structural change: it may be the fix
+        elif not self._stale:
+            self.snapshot = dataclasses.replace(current, version=version)
+        self._cache_later()
+        log.info(
+            "config v%s: %d keys changed in %.1f ms (delta%s)",
+            version,
+            len(changed),
+            (time.perf_counter() - started) * 1000,
+            ", a rebuild is due" if structural else "",
+        )
+        return True
 
-        def build() -> Snapshot:
-            # Read and compiled in the DB thread: a 10,000-route compile must not stop the
-            # event loop (it only shares the GIL with it). Builds are serial (one thread), so
-            # the target registry is never compiled into twice at once.
-            apis, keys = load_config(version)
-            self._jwks_build = {}
-            self._verifiers = {}
-            self._cache_purges = load_cache_purges()
-            return compile_snapshot(
-                version,
-                apis,
-                keys,
-                self._compile_route,
-                epoch=epoch,
-                default_max_body=self.settings.max_body_bytes,
-                targets=self.targets,
-                identities=load_identities(),
-                upstream_models=load_upstreams(),
-            )
+    async def _rebuild(self) -> bool:
+        """Read and compile a new snapshot in the build thread; meanwhile keep applying key
+        deltas to the serving one; then catch the new one up and swap it in."""
 
+        loop = asyncio.get_running_loop()
+        build = loop.run_in_executor(self._builder, self._in_thread, self._build)
+        interval = self.settings.config_poll_interval
+        self._building = True
         try:
-            snapshot = await self._run_db(build)
-        except Exception:
+            return await self._finish_rebuild(build, interval)
+        finally:
+            self._building = False
+
+    async def _finish_rebuild(self, build: asyncio.Future, interval: float) -> bool:
+        from gateway.config import is_database_error
+
+        while not build.done():
+            changed = asyncio.ensure_future(self._config_changed.wait())
+            await asyncio.wait({build, changed}, timeout=interval, return_when="FIRST_COMPLETED")
+            changed.cancel()
+            if build.done():
+                break
+            self._config_changed.clear()
+            try:
+                await self._apply_deltas()
+            except Exception as exc:
+                self._warn_refresh(exc)
+        try:
+            snapshot, source = build.result()
+        except Exception as exc:
+            if is_database_error(exc):
+                metrics.CONFIG_DB_ERRORS.inc()
+                raise  # not broken: the next poll builds again
             metrics.SNAPSHOT_FAILURES.inc()
+            self._broken_since = time.monotonic()
+            current = self.snapshot
             if current is not None:
-                self._broken_since = time.monotonic()
-                self._seen = (epoch, version)
+                # The structural change may have changed keys too (a plan, a user): a
+                # revocation must not wait for someone to fix a route.
                 with contextlib.suppress(Exception):
-                    fresh = await self._run_db(load_keys, None)
+                    fresh = await self._read_config(load_keys, None)
                     current.keys.clear()  # no await between these two lines
                     current.keys.update(fresh)
             raise
+        # Catch up: the key changes committed after the version the rebuild read.
+        epoch, version, delta = await self._read_config(load_catch_up, source.version)
+        if epoch != source.epoch or delta is None:
+            self._stale = True  # the database moved under the build: build again
+            return False
+        changed, entries, plans, structural = delta
+        _apply_keys(snapshot.keys, changed, entries)
+        source.plans.update(plans)
+        if not structural and version != snapshot.version:
+            snapshot = dataclasses.replace(snapshot, version=version)
         self.snapshot = snapshot  # one attribute store: requests see old or new, never a mix
+        self._source = source
         self.verified_keys.clear()  # its entries are the old snapshot's: let them go
         self._seen = (epoch, version)
+        self._stale = structural  # another structural change came: build again next poll
         self._broken_since = None
+        if self._from_cache:
+            self._from_cache = False
+            log.warning("config v%s read from the database: no longer serving the cache", version)
         self.health.sync(snapshot.upstreams)
         await self._sync_jwks()
+        self._cache_later()
         log.info(
-            "config v%s: %d routes, %d keys, built in %.1f ms",
+            "config v%s: %d routes, %d keys, built in %.1f ms (+%d keys caught up)",
             version,
             len(snapshot.router),
             len(snapshot.keys),
             snapshot.build_seconds * 1000,
+            len(changed),
         )
         return True
+
+    def _in_thread(self, fn, *args):
+        from django.db import close_old_connections
+
+        close_old_connections()
+        return fn(*args)
+
+    def _build(self) -> tuple[Snapshot, ConfigSource]:
+        """Read at one version, then compile (build thread). A 10,000-route compile must not
+        stop the event loop (it only shares the GIL with it). Builds are serial (one thread),
+        so the target registry is never compiled into twice at once."""
+        source = load_source()
+        if self.settings.snapshot_build_delay:
+            time.sleep(self.settings.snapshot_build_delay)  # testing aid, off by default
+        return self._compile(source), source
+
+    def _compile(self, source: ConfigSource) -> Snapshot:
+        self._jwks_build = {}
+        self._verifiers = {}
+        self._cache_purges = source.cache_purges
+        return compile_snapshot(
+            source.version,
+            source.apis,
+            source.keys,
+            self._compile_route,
+            epoch=source.epoch,
+            default_max_body=self.settings.max_body_bytes,
+            targets=self.targets,
+            identities=source.identities,
+            upstream_models=source.upstreams,
+        )
+
+    def _warn_refresh(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 10:
+            self._last_warning = now
+            log.warning("config refresh failed, serving the last snapshot: %s", exc)
+
+    # --- the first snapshot, and the on-disk cache of the last good one -------------------
+    async def _first_snapshot(self) -> None:
+        """Start-up: build from the database; if it cannot be read (or the configuration
+        does not compile), serve the cached last good configuration; with neither, start
+        anyway and answer 503 until a configuration arrives. A worker never fails its
+        start-up over the database: gunicorn would shut the whole node down."""
+        from gateway.config import is_database_error
+
+        try:
+            await self.refresh_snapshot()
+        except Exception as exc:
+            if is_database_error(exc):
+                log.warning("the database cannot be read at start-up: %s", exc)
+            else:
+                log.error("the configuration could not be built at start-up", exc_info=True)
+        if self.snapshot is not None:
+            return
+        loaded = None
+        if self._cache_path is not None:
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(
+                    self._builder, self._load_cache
+                )
+            except Exception:
+                log.exception("the config cache %s cannot be used", self._cache_path)
+        if loaded is None:
+            log.warning(
+                "no configuration (no database, no cache at %s): answering 503 until the "
+                "database can be read",
+                self._cache_path,
+            )
+            return
+        snapshot, source, stamp = loaded
+        self.snapshot = snapshot
+        self._source = source
+        self._seen = (source.epoch, source.version)
+        self._stale = True  # replaced by a rebuild as soon as the database answers
+        self._from_cache = True
+        self.health.sync(snapshot.upstreams)
+        await self._sync_jwks()
+        log.warning(
+            "SERVING THE CACHED CONFIGURATION v%s (written %.0f s ago, %d routes, %d keys) "
+            "from %s: the database cannot be read; polling it",
+            source.version,
+            time.time() - stamp["written_at"],
+            len(snapshot.router),
+            len(snapshot.keys),
+            self._cache_path,
+        )
+
+    def _load_cache(self):
+        loaded = read_cache(self._cache_path)
+        if loaded is None:
+            return None
+        source, stamp = loaded
+        return self._compile(source), source, stamp
+
+    def _cache_later(self) -> None:
+        """Persist the serving configuration soon (coalesced, off the loop)."""
+        if self._cache_path is None:
+            return
+        self._cache_pending = True
+        if self._cache_task is None or self._cache_task.done():
+            self._cache_task = asyncio.get_running_loop().create_task(
+                self._cache_writer(), name="config-cache"
+            )
+
+    async def _cache_writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._cache_pending:
+            wait = self._cache_written + CACHE_WRITE_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._cache_pending = False
+            snapshot, source = self.snapshot, self._source
+            if snapshot is None or source is None or self._from_cache:
+                return
+            job = (source, snapshot.keys, self._seen)
+            try:
+                await loop.run_in_executor(self._cache_exec, self._write_cache, *job)
+            except Exception:
+                log.exception("could not write the config cache %s", self._cache_path)
+            self._cache_written = time.monotonic()
+
+    def _write_cache(self, source: ConfigSource, keys: dict, seen: tuple[str, int]) -> None:
+        started = time.perf_counter()
+        ident = (source.epoch, source.version, id(source))
+        if self._cache_structure is None or self._cache_structure[0] != ident:
+            self._cache_structure = (ident, pickle_structure(source))
+            # The rows were kept for this only: the pieces stand for them from now on (the
+            # snapshot compiled from them holds what it needs), and they are half of a
+            # worker's memory with 10,000 routes.
+            source.apis = []
+        wrote = write_cache(
+            self._cache_path,
+            epoch=seen[0],
+            version=seen[1],
+            source=source,
+            structure=self._cache_structure[1],
+            keys=keys.copy(),  # one C call: a delta on the loop cannot interleave
+        )
+        if wrote:
+            took = time.perf_counter() - started
+            metrics.CONFIG_CACHE_WRITE.set(took)
+            log.debug("config cache v%s written in %.1f ms", seen[1], took * 1000)
 
     def _compile_route(
         self, route: RouteEntry, keys: dict[str, KeyEntry], identities: dict | None = None
@@ -506,7 +753,6 @@ class GatewayApp:
 
     async def _watch_config(self) -> None:
         interval = self.settings.config_poll_interval
-        last_warning = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._config_changed.wait(), interval)
@@ -514,10 +760,7 @@ class GatewayApp:
             try:
                 await self.refresh_snapshot()
             except Exception as exc:  # keep serving the last snapshot
-                mono = time.monotonic()
-                if mono - last_warning > 10:
-                    last_warning = mono
-                    log.warning("config refresh failed, serving the last snapshot: %s", exc)
+                self._warn_refresh(exc)
 
     async def _listen_config(self) -> None:
         """With Redis, config bumps arrive by pub/sub: workers converge in milliseconds."""
@@ -557,6 +800,8 @@ class GatewayApp:
                 metrics.LOG_DROPPED.inc(new_drops)
                 self._drops_reported = buffer.dropped
         metrics.LIMITER_STORE_ERRORS.set(getattr(self.limiter, "store_errors", 0))
+        metrics.CONFIG_CHECK_AGE.set(round(time.time() - self._checked_at, 3))
+        metrics.CONFIG_FROM_CACHE.set(1 if self._from_cache else 0)
         if self.snapshot is not None:
             metrics.CONFIG_VERSION.set(self.snapshot.version)
             metrics.SNAPSHOT_BUILD.set(self.snapshot.build_seconds)
@@ -581,7 +826,10 @@ class GatewayApp:
                     {
                         "status": "ready",
                         "config_version": snap.version,
+                        "config_source": "cache" if self._from_cache else "database",
                         "snapshot_age_seconds": round(time.time() - snap.built_at, 3),
+                        "config_check_age_seconds": round(time.time() - self._checked_at, 3),
+                        "rebuilding": self._building,
                         "routes": len(snap.router),
                         "keys": len(snap.keys),
                     }
@@ -643,13 +891,37 @@ class GatewayApp:
             update_fields=["used", "updated_at"],
         )
 
+    async def _try_load_counters(self) -> bool:
+        """Load the persisted quota counters; without the database, later (until they are
+        loaded, none are saved: a save would overwrite them with this worker's counts)."""
+        try:
+            await self._run_db(self._load_counters)
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._last_warning > 10:
+                self._last_warning = now
+                log.warning("could not load quota counters (loaded when it can): %s", exc)
+            return False
+        self._counters_loaded = True
+        return True
+
     async def _persist_counters(self) -> None:
+        from gateway.config import is_database_error
+
+        last_warning = 0.0
         while True:
             await asyncio.sleep(self.settings.counter_flush_interval)
+            if not self._counters_loaded and not await self._try_load_counters():
+                continue
             try:
                 await self._run_db(self._save_counters)
-            except Exception:
-                log.exception("could not persist quota counters")
+            except Exception as exc:
+                now = time.monotonic()
+                if not is_database_error(exc):
+                    log.exception("could not persist quota counters")
+                elif now - last_warning > 10:  # the database is away: once in a while
+                    last_warning = now
+                    log.warning("could not persist quota counters: %s", exc)
 
     # --- the hot path -----------------------------------------------------------------------
     async def handle_http(self, scope, receive, send) -> None:

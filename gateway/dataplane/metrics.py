@@ -67,6 +67,30 @@ SNAPSHOT_FAILURES = Counter(
     "gateway_snapshot_build_failures_total",
     "Snapshots that failed to build or compile; the last good one kept serving.",
 )
+CONFIG_DB_ERRORS = Counter(
+    "gateway_config_db_errors_total",
+    "Config reads (version checks, key deltas, rebuilds) that failed because the database "
+    "could not be read; the last snapshot kept serving and the read is retried at the next "
+    "poll. Not a broken configuration (that is gateway_snapshot_build_failures_total).",
+)
+CONFIG_CHECK_AGE = Gauge(
+    "gateway_config_check_age_seconds",
+    "Seconds since the worker last read the config version from the database (since it "
+    "started, if it never did): how stale its snapshot may be. The maximum over live workers; "
+    "alert when it stays above a few poll intervals.",
+    multiprocess_mode="livemax",
+)
+CONFIG_FROM_CACHE = Gauge(
+    "gateway_config_from_cache",
+    "Workers serving the on-disk cache of the last good configuration (the database could not "
+    "be read when they started).",
+    multiprocess_mode="livesum",
+)
+CONFIG_CACHE_WRITE = Gauge(
+    "gateway_config_cache_write_seconds",
+    "Time the worker took to write the on-disk config cache the last time it wrote it.",
+    multiprocess_mode="livemax",
+)
 UPSTREAM_RETRIES = Counter(
     "gateway_upstream_retries_total", "Tries repeated on another target, by API.", ["api"]
 )

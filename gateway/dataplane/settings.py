@@ -26,6 +26,8 @@ class GatewaySettings:
     trusted_proxies: tuple[str, ...] = ()
     real_ip_header: str = "x-forwarded-for"
     cache_memory_bytes: int = 64 << 20
+    config_cache_dir: str = ""  # "": no on-disk config cache
+    snapshot_build_delay: float = 0.0  # testing aid (settings.GATEWAY["SNAPSHOT_BUILD_DELAY"])
 
 
 def load_settings() -> GatewaySettings:
@@ -60,4 +62,6 @@ def load_settings() -> GatewaySettings:
         trusted_proxies=g["TRUSTED_PROXIES"],
         real_ip_header=g["REAL_IP_HEADER"],
         cache_memory_bytes=g["CACHE_MEMORY_BYTES"],
+        config_cache_dir=g["CONFIG_CACHE_DIR"],
+        snapshot_build_delay=g["SNAPSHOT_BUILD_DELAY"],
     )
