@@ -87,3 +87,39 @@ def test_the_client_comes_from_the_configured_header_only(stack, live, nodes):
         assert resp.status_code == 200, (value, resp.text)
     echo = get(fwd, Forwarded='for="[2001:db8::7]:80"').json()
     assert echo["headers"]["X-Forwarded-For"] == "127.0.0.1"
+
+
+def test_forwarding_headers_behind_a_trusted_proxy(stack, live, nodes):
+    issued = active_key(make_user("dev@example.com"), live.free)
+    wait_for_key(stack, issued.key)
+    url = nodes["x-forwarded-for"] + "/demo/anything"
+    wait_until(
+        lambda: requests.get(url, headers={"X-API-Key": issued.key}, timeout=5).ok,
+        timeout=10,
+        what="the node to know the key",
+    )
+    resp = requests.get(
+        url,
+        headers={
+            "X-API-Key": issued.key,
+            "X-Forwarded-For": "203.0.113.9",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "pub.example",
+            "Forwarded": 'for=203.0.113.9;proto=https;host="pub.example"',
+            "Via": "1.1 edge",
+        },
+        timeout=5,
+    )
+    assert resp.status_code == 200, resp.text
+    seen = {k.lower(): v for k, v in resp.json()["headers"].items()}
+    # The client's view, as the trusted proxy told it, goes on in X-Forwarded-*...
+    assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-host"] == "pub.example"
+    # ...while our Forwarded element describes our own hop: plain http, the Host we got.
+    port = url.split(":")[2].split("/")[0]
+    assert seen["forwarded"] == (
+        f'for=203.0.113.9;proto=https;host="pub.example", '
+        f'for=127.0.0.1;proto=http;host="127.0.0.1:{port}"'
+    )
+    assert seen["via"] == "1.1 edge, 1.1 apigw"

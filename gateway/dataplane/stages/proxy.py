@@ -223,11 +223,12 @@ class ProxyHandler:
         out.append((b"x-forwarded-proto", proto))
         if public_host:
             out.append((b"x-forwarded-host", public_host))
-        if proto not in (b"http", b"https"):
-            proto = ctx.scope.get("scheme", "http").encode("latin-1")  # a proxy's odd value
-        element = b"for=" + _forwarded_node(ctx.peer_ip).encode("latin-1") + b";proto=" + proto
-        if public_host:  # the Host was checked on arrival (app.py), a forwarded one above
-            element += b';host="' + public_host + b'"'
+        # Our own Forwarded element describes the hop that reached us (RFC 7239 §5.3, §5.4):
+        # the scheme and Host we received, not the client's view that X-Forwarded-* carry on.
+        own_proto = ctx.scope.get("scheme", "http").encode("latin-1")
+        element = b"for=" + _forwarded_node(ctx.peer_ip).encode("latin-1") + b";proto=" + own_proto
+        if host is not None:  # checked on arrival (app.py): one, and quote-safe
+            element += b';host="' + host + b'"'
         out.append((b"forwarded", forwarded + b", " + element if forwarded else element))
         via = seen.get(b"via")
         out.append((b"via", via + b", " + _VIA if via else _VIA))
