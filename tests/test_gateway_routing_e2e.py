@@ -250,6 +250,46 @@ def test_body_over_the_route_limit_is_413_before_and_while_streaming(stack, live
     assert streamed.headers["content-type"] == "application/problem+json"
 
 
+def test_a_body_over_the_limit_after_the_upstream_answered_cuts_the_connection(stack, live, key):
+    import socket
+
+    from analytics.models import RequestEvent
+    from gateway.models import Api, Route
+    from tests.procs import wait_until
+
+    def build(up):
+        api = Api.objects.create(name="Early", slug="early", path_prefix="/early", upstream=up)
+        Route.objects.create(api=api, name="r", path="/", max_body_bytes=1000)
+
+    configure(stack, live, build, probe="/early/x", headers={"X-API-Key": key})
+    with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /early/hold HTTP/1.1\r\nHost: gw\r\n"
+            b"X-API-Key: " + key.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1f4\r\n" + b"a" * 500 + b"\r\n"
+        )
+        answer = b""
+        for _ in range(50):  # the demo's /hold answers at once: head and a first chunk
+            answer += sock.recv(65536)
+            if b"first" in answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        sock.sendall(b"320\r\n" + b"b" * 800 + b"\r\n")  # 1,300 bytes: over the limit
+        for _ in range(50):  # until the gateway cuts the connection
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    assert b"rest" not in answer and b"413" not in answer.split(b"\r\n", 1)[1]
+    events = RequestEvent.objects.filter(api_id=Api.objects.get(slug="early").pk, method="POST")
+    wait_until(events.exists, timeout=30, what="the cut request's log event")
+    assert [(e.status, e.error_kind) for e in events] == [(200, "body_too_large")]
+    assert "Traceback" not in stack.procs["gateway"].output()
+
+
 def test_preserve_host_and_route_timeout(stack, live, key):
     from gateway.models import Api, Route
 

@@ -503,6 +503,10 @@ class ProxyHandler:
             if isinstance(exc, BodyTooLarge) or ctx.body_too_large:
                 verdict = None
                 ctx.error_kind = "body_too_large"
+                if ctx.response_started:
+                    # The upstream answered before the body was all in: its status has gone
+                    # out, so the connection is cut (logged with that status and this kind).
+                    raise
                 return body_too_large(ctx), False
             if isinstance(exc, ClientBodyTimeout) or not getattr(exc, "upstream_fault", True):
                 # The client was slow, not the upstream: never held against the target.
