@@ -532,12 +532,9 @@ class Route(models.Model):
         return f"{self.api.path_prefix}{self.path}" if self.api_id else self.path
 
     def method_set(self) -> frozenset[str]:
-        """The HTTP methods this route accepts; empty means any. GET brings HEAD with it
-        (RFC 9110 §9.3.2: a HEAD is a GET without the body, as nginx's limit_except does)."""
-        methods = {m.strip().upper() for m in self.methods.split(",") if m.strip()}
-        if "GET" in methods:
-            methods.add("HEAD")
-        return frozenset(methods)
+        """The HTTP methods this route accepts; empty means any (the router also answers a
+        HEAD with a GET route when no route takes HEAD itself)."""
+        return frozenset(m.strip().upper() for m in self.methods.split(",") if m.strip())
 
     def clean(self) -> None:
         """Refuse what the gateway could not compile: a bad pattern or rewrite, a version of

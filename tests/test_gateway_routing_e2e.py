@@ -110,6 +110,18 @@ def test_host_routing_exact_and_wildcard(stack, live, key):
     assert seen["path"] == "/exact/x"
     headers = {k.lower(): v for k, v in seen["headers"].items()}
     assert headers["x-forwarded-host"] == "api.example.test:8080"
+    # No path at all ("GET http://host HTTP/1.1") asks for "/": nothing is served there.
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=5)
+    try:
+        conn.putrequest("GET", "http://api.example.test", skip_host=True)
+        conn.putheader("Host", "shop.example.test")
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 404, body[:300]
+    assert json.loads(body)["type"] == "urn:apigw:problem:not-found"
 
 
 def test_regex_and_header_conditions(stack, live, key):

@@ -183,6 +183,27 @@ def test_the_route_timeout_is_one_deadline_over_every_try(stack, live, key, faul
     assert sum(after) - sum(before) == 1, (before, after)
 
 
+def test_the_route_deadline_is_never_held_against_a_target(stack, live, key):
+    # The route's total (0.3 s) is the client's budget; the target's own read timeout (5 s)
+    # is what judges it. Three deadlines in a row, eject after 2 failures: still in service.
+    serve(
+        stack,
+        live,
+        [stack.upstream_port],
+        read_timeout=5,
+        eject_after_failures=2,
+        eject_seconds=60,
+        route={"timeout": 0.3, "retries": 0},
+    )
+    for _ in range(3):
+        resp = requests.get(
+            stack.gateway_url + "/x/delay/1", headers={"X-API-Key": key}, timeout=15
+        )
+        assert_problem(resp, 504, "gateway-timeout")
+    for _ in range(4):  # both workers
+        assert stack.get("/x/anything", headers={"X-API-Key": key}).status_code == 200
+
+
 class _Blackhole:
     """A listening socket with a full backlog: connecting to it hangs (SYNs are dropped)."""
 
@@ -255,3 +276,37 @@ def test_weight_zero_takes_no_traffic_and_only_weight_zero_is_503(stack, live, k
         what="every worker to drain the last target",
     )
     assert_problem(stack.get("/x/w", headers={"X-API-Key": key}), 503, "no-healthy-target")
+
+
+def test_a_stalled_body_read_by_the_validation_stage_is_408(stack, live, key):
+    from django.db import transaction
+
+    from gateway.config import config_bump
+    from gateway.models import Policy
+    from tests.test_validate_e2e import DOCUMENT
+
+    with transaction.atomic():
+        live.api.openapi = DOCUMENT
+        live.api.save()
+        Policy.objects.create(api=live.api, kind="validate", config={})
+        config_bump(reason="validation")
+    h = {"X-API-Key": key}
+    wait_until(
+        lambda: all(stack.get("/demo/orders/x", headers=h).status_code == 400 for _ in range(4)),
+        timeout=10,
+        what="the validation policy",
+    )
+    with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=15) as s:
+        s.sendall(
+            b"POST /demo/orders HTTP/1.1\r\nHost: gw\r\nX-API-Key: %b\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"items"' % key.encode()
+        )
+        answer = b""
+        for _ in range(100):  # until the gateway answers and closes
+            got = s.recv(65536)
+            if not got:
+                break
+            answer += got
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b"urn:apigw:problem:request-timeout" in answer
+    assert "Traceback" not in stack.procs["gateway"].output()

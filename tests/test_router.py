@@ -99,7 +99,7 @@ def test_method_specific_route_wins_and_others_get_405():
     assert matched_id(router, "GET", "/demo/x") == 2
     result = match(router, "DELETE", "/demo/x")
     assert isinstance(result, MethodNotAllowed)
-    assert result.allowed == {"GET", "POST"}
+    assert result.allowed == {"GET", "HEAD", "POST"}  # GET brings HEAD
 
 
 def test_exact_route_matches_only_its_path():
@@ -377,3 +377,21 @@ def test_indexed_and_scanning_routers_agree_on_random_tables():
                 assert isinstance(got, MethodNotAllowed) and got.allowed == want.allowed
             else:
                 assert got == want, (routes, method, path, headers)
+
+
+def test_a_head_goes_to_a_head_route_else_to_the_get_route():
+    r = Router(
+        [
+            route(1, "/x", "GET"),
+            route(2, "/x", "HEAD", priority=-5),  # below the GET route, still HEAD's own
+            route(3, "/y", "GET"),
+            route(4, "/y", "POST"),
+        ]
+    )
+    assert matched_id(r, "HEAD", "/x") == 2
+    assert matched_id(r, "GET", "/x") == 1
+    assert matched_id(r, "HEAD", "/y") == 3  # no HEAD route: the GET one answers
+    refused = match(r, "DELETE", "/y")
+    assert isinstance(refused, MethodNotAllowed)
+    assert refused.allowed == frozenset({"GET", "HEAD", "POST"})
+    assert match(r, "HEAD", "/nowhere") is None

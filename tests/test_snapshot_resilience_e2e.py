@@ -422,7 +422,13 @@ def test_the_cache_round_trips_and_compiles_without_the_database(live, django_db
     args = {"epoch": source.epoch, "version": source.version, "source": source}
     assert write_cache(path, structure=pickle_structure(source), keys=source.keys.copy(), **args)
     # Another worker of the node at the same version: nothing to write.
-    assert not write_cache(path, structure=b"", keys={}, **args)
+    assert not write_cache(path, structure=[], keys={}, **args)
+    # A worker still on older routes, with newer keys, never writes its routes over these.
+    import dataclasses
+
+    older = dataclasses.replace(source, version=source.version - 1)
+    stale = {**args, "source": older, "version": source.version + 5}
+    assert not write_cache(path, structure=[], keys={}, **stale)
     assert path.stat().st_mode & 0o777 == 0o600
     with django_db_blocker.block():  # any query now fails the test
         cached, stamp = read_cache(path)

@@ -26,7 +26,7 @@ import aiohttp
 
 from gateway.dataplane import metrics
 from gateway.dataplane.balancer import HealthChecker, TargetRegistry
-from gateway.dataplane.context import LocalResponse, RequestContext
+from gateway.dataplane.context import ClientBodyTimeout, LocalResponse, RequestContext
 from gateway.dataplane.jwt import JwksCache, JwtVerifier
 from gateway.dataplane.limiter import Limiter, MemoryLimiter, RedisLimiter, redis_client
 from gateway.dataplane.logship import EventBuffer, LogShipper, RedisStreamSink, SpoolSink
@@ -62,7 +62,12 @@ from gateway.dataplane.stages.ip_policy import IpPolicyStage
 from gateway.dataplane.stages.jwt_auth import JwtAuthenticateStage
 from gateway.dataplane.stages.limit import LimitStage
 from gateway.dataplane.stages.log import LogStage
-from gateway.dataplane.stages.proxy import HOST_VALUE, ProxyHandler, body_too_large
+from gateway.dataplane.stages.proxy import (
+    HOST_VALUE,
+    ProxyHandler,
+    body_too_large,
+    client_body_timeout,
+)
 from gateway.dataplane.stages.transform import RequestTransformStage
 from gateway.dataplane.stages.validate import ValidateStage
 from gateway.dataplane.stages.websocket import WebSocketProxy
@@ -176,6 +181,12 @@ class GatewayApp:
         self._source: ConfigSource | None = None  # what the serving snapshot was compiled from
         self._stale = True  # a structural change (or a start) awaits a rebuild
         self._broken_since: float | None = None  # the last rebuild failed (monotonic time)
+        # Versions: the latest read, the latest structural change seen in a delta, the one a
+        # build read (set by the build thread), and the one whose build failed to compile.
+        self._version_now = -1
+        self._structural_version = -1
+        self._build_version = -1
+        self._broken_version = -1
         self._from_cache = False  # serving the on-disk cache (the database was unreadable)
         self._building = False  # a rebuild is under way (in the build thread)
         self._checked_at = time.time()  # last successful read of the config version
@@ -346,6 +357,11 @@ class GatewayApp:
         broken = self._broken_since is not None and (
             time.monotonic() - self._broken_since < RETRY_BROKEN_SECONDS
         )
+        if broken:
+            # A structural change after the version that failed may be its fix (with no
+            # snapshot at all, any change: nothing is served meanwhile).
+            newer = self._structural_version if self.snapshot is not None else self._version_now
+            broken = newer <= self._broken_version
         if not self._stale or broken:
             return changed
         return await self._rebuild() or changed
@@ -357,6 +373,7 @@ class GatewayApp:
 
         epoch, version = await self._read_config(config_current_stamp)
         self._checked_at = time.time()
+        self._version_now = version
         current = self.snapshot
         seen_epoch, seen = self._seen
         if current is None or epoch != seen_epoch or version < seen:
@@ -378,7 +395,7 @@ class GatewayApp:
         self._seen = (epoch, version)
         if structural:
             self._stale = True
-            self._broken_since = None  # a new structural change: it may be the fix
+            self._structural_version = version  # a new structural change: it may be the fix
         elif not self._stale:
             self.snapshot = dataclasses.replace(current, version=version)
         self._cache_later()
@@ -426,14 +443,18 @@ class GatewayApp:
                 raise  # not broken: the next poll builds again
             metrics.SNAPSHOT_FAILURES.inc()
             self._broken_since = time.monotonic()
+            self._broken_version = self._build_version
             current = self.snapshot
             if current is not None:
                 # The structural change may have changed keys too (a plan, a user): a
                 # revocation must not wait for someone to fix a route.
                 with contextlib.suppress(Exception):
                     fresh = await self._read_config(load_keys, None)
-                    current.keys.clear()  # no await between these two lines
+                    # Never empty, not even for the cache thread's copy: add, then drop.
+                    gone = current.keys.keys() - fresh.keys()
                     current.keys.update(fresh)
+                    for key_id in gone:
+                        current.keys.pop(key_id, None)
             raise
         # Catch up: the key changes committed after the version the rebuild read.
         epoch, version, delta = await self._read_config(load_catch_up, source.version)
@@ -478,6 +499,7 @@ class GatewayApp:
         stop the event loop (it only shares the GIL with it). Builds are serial (one thread),
         so the target registry is never compiled into twice at once."""
         source = load_source()
+        self._build_version = source.version
         if self.settings.snapshot_build_delay:
             time.sleep(self.settings.snapshot_build_delay)  # testing aid, off by default
         return self._compile(source), source
@@ -938,6 +960,12 @@ class GatewayApp:
             if not ctx.client_gone:
                 raise  # a real cancellation (shutdown): let it through
             asyncio.current_task().uncancel()  # we cancelled ourselves: the client left
+        except ClientBodyTimeout:
+            # A stage that reads the body (validation, transformation) waited in vain: the
+            # client's fault, 408 as the proxy answers it (or the connection cut, if late).
+            ctx.error_kind = "client_body_timeout"
+            if not ctx.response_started and not ctx.client_gone:
+                await self._send_local(ctx, client_body_timeout(ctx))
         except Exception:
             if ctx.client_gone:
                 pass  # the failure is the disconnect itself: no gateway error

@@ -275,7 +275,10 @@ class Balancer:
         best_load = 0.0
         for i in range(n):
             t = usable[(start + i) % n]
-            load = t.active / t.weight  # usable targets have a weight above 0
+            # Usable targets have a weight above 0, but a rebuild (another thread) may set
+            # it to 0 since: such a target sorts last.
+            weight = t.weight
+            load = t.active / weight if weight > 0 else float("inf")
             if best is None or load < best_load:
                 best, best_load = t, load
         return best

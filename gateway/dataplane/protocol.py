@@ -512,20 +512,21 @@ class GatewayHttpProtocol(asyncio.Protocol):
         parser = self.parser
         version = parser.get_http_version()
         method = parser.get_method().decode("ascii")
-        if parser.should_upgrade() and self.ws_protocol_class is not None and self._wants_ws():
-            self._upgrade = True
-            self._method = method
-            return
         url = httptools.parse_url(self.url)
         if url.host:
             # The absolute form (GET http://host/path): its authority is the Host, whatever a
-            # Host header says (RFC 9112 §3.2.2), for routing and forwarding alike.
+            # Host header says (RFC 9112 §3.2.2), for routing and forwarding alike (and for a
+            # WebSocket handshake too).
             host = b"[%b]" % url.host if b":" in url.host else url.host
             if url.port:
                 host += b":%d" % url.port
             self.headers = [(k, v) for k, v in self.headers if k != b"host"]
             self.headers.append((b"host", host))
-        raw_path = url.path
+        if parser.should_upgrade() and self.ws_protocol_class is not None and self._wants_ws():
+            self._upgrade = True
+            self._method = method
+            return
+        raw_path = url.path or b"/"  # "GET http://host HTTP/1.1" asks for "/"
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
@@ -632,7 +633,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
     def refuse(self, status: int, *, keep_alive: bool = False) -> None:
         """A gateway error answered by the server itself, as problem+json; closes unless kept."""
         slug, detail = _DETAILS[status]
-        request_id = self._inbound_request_id() or f"{getrandbits(128):032x}"
+        # The refused head's own id, when it is the head being refused (not for a 500 or a
+        # 503, whose request may not be the last head parsed).
+        inbound = self._inbound_request_id() if status not in (500, 503) else None
+        request_id = inbound or f"{getrandbits(128):032x}"
         body = problem(slug, detail, request_id=request_id).body
         head = [
             _STATUS_LINE[status],

@@ -296,6 +296,24 @@ class Router:
     def match(
         self, method: str, path: str, scope_headers=(), query: bytes = b""
     ) -> tuple[RouteEntry, dict[str, str]] | MethodNotAllowed | None:
+        """The route for a request and the parameters its path captured; a HEAD that no
+        route takes goes to the route that would take it as a GET (RFC 9110 §9.3.2: a HEAD
+        is a GET without the body, as nginx's limit_except has it), and a 405's Allow then
+        names HEAD wherever it names GET."""
+        found = self._match(method, path, scope_headers, query)
+        if type(found) is tuple:
+            return found
+        if method == "HEAD":
+            as_get = self._match("GET", path, scope_headers, query)
+            if type(as_get) is tuple:
+                return as_get
+        if found is not None and "GET" in found.allowed and "HEAD" not in found.allowed:
+            return MethodNotAllowed(found.allowed | {"HEAD"})
+        return found
+
+    def _match(
+        self, method: str, path: str, scope_headers=(), query: bytes = b""
+    ) -> tuple[RouteEntry, dict[str, str]] | MethodNotAllowed | None:
         """The route for a request and the parameters its path captured.
 
         `path` is normalised and percent-decoded; `scope_headers` are the ASGI header pairs

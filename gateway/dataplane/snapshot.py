@@ -700,9 +700,11 @@ def write_cache(
         stamp_path = path.with_suffix(".stamp")
         with contextlib.suppress(OSError, ValueError):
             have = json.loads(stamp_path.read_bytes())
-            if have["epoch"] == epoch and (have["version"], have["structure_version"]) >= (
-                version,
-                source.version,
+            # Never older routes over newer ones (a worker still waiting for its rebuild
+            # may have newer keys); at the same routes, only newer keys.
+            if have["epoch"] == epoch and (
+                source.version < have["structure_version"]
+                or (source.version == have["structure_version"] and version <= have["version"])
             ):
                 return False
         entries = list(keys.values())

@@ -519,6 +519,16 @@ class ProxyHandler:
                     return client_body_timeout(ctx), False
                 ctx.error_kind = "upstream_timeout"
                 return _timeout_problem(ctx), None
+            if isinstance(exc, UpstreamTotalTimeout):
+                # The request's deadline (all tries, the wait for a pooled connection
+                # included), not this target's: the per-try connect and read timeouts are
+                # what judge a target, so a retry begun with little time left, or a queue in
+                # our own pool, never ejects a healthy one.
+                verdict = None
+                ctx.error_kind = "upstream_timeout"
+                if ctx.response_started:
+                    raise
+                return _timeout_problem(ctx), None
             verdict = False
             if ctx.response_started:
                 ctx.error_kind = "upstream_aborted"
@@ -526,9 +536,6 @@ class ProxyHandler:
             if isinstance(exc, UpstreamConnectTimeout):
                 ctx.error_kind = "upstream_timeout"
                 return _timeout_problem(ctx), True  # nothing was sent
-            if isinstance(exc, UpstreamTotalTimeout):
-                ctx.error_kind = "upstream_timeout"
-                return _timeout_problem(ctx), None  # the deadline of every try
             if isinstance(exc, TimeoutError):
                 ctx.error_kind = "upstream_timeout"
                 return _timeout_problem(ctx), False
