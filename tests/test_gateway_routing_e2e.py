@@ -218,23 +218,55 @@ def test_inbound_request_id_and_traceparent_are_kept_when_well_formed(stack, liv
     trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     resp = stack.get(
         "/demo/anything",
-        headers={"X-API-Key": key, "X-Request-ID": "client-abc.123", "traceparent": trace},
+        headers={
+            "X-API-Key": key,
+            "X-Request-ID": "client-abc.123",
+            "traceparent": trace,
+            "tracestate": "vendor=abc,other=1",
+        },
     )
     got = echo(resp)
     assert resp.headers["x-request-id"] == "client-abc.123"
     assert got["headers"]["x-request-id"] == "client-abc.123"
     assert got["headers"]["traceparent"] == trace
+    assert got["headers"]["tracestate"] == "vendor=abc,other=1"  # belongs to that trace
     bad = stack.get(
         "/demo/anything",
-        headers={"X-API-Key": key, "X-Request-ID": "no spaces allowed", "traceparent": "00-zz"},
+        headers={
+            "X-API-Key": key,
+            "X-Request-ID": "no spaces allowed",
+            "traceparent": "00-zz",
+            "tracestate": "vendor=abc",
+        },
     )
     got = echo(bad)
+    assert "tracestate" not in got["headers"]  # a new trace: the old state is not its own
     assert bad.headers["x-request-id"] != "no spaces allowed"
     assert got["headers"]["x-request-id"] == bad.headers["x-request-id"]
     assert got["headers"]["traceparent"].startswith(f"00-{bad.headers['x-request-id']}-")
     # A problem carries the client's id too.
     missing = stack.get("/demo/anything", headers={"X-Request-ID": "corr-1"})
     assert missing.status_code == 401 and missing.json()["request_id"] == "corr-1"
+
+
+def test_hop_by_hop_request_fields_stop_at_the_gateway(stack, live, key):
+    got = echo(
+        stack.get(
+            "/demo/anything",
+            headers={
+                "X-API-Key": key,
+                "Connection": "keep-alive, X-Secret-Hop",
+                "X-Secret-Hop": "only for the next hop",
+                "Keep-Alive": "timeout=5",
+                "TE": "trailers",
+                "Proxy-Authorization": "Basic c2VjcmV0",
+                "X-Kept": "1",
+            },
+        )
+    )
+    for name in ("x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+        assert name not in got["headers"], name
+    assert got["headers"]["x-kept"] == "1"
 
 
 def test_body_over_the_route_limit_is_413_before_and_while_streaming(stack, live, key):

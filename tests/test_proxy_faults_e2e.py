@@ -204,6 +204,30 @@ def test_the_route_deadline_is_never_held_against_a_target(stack, live, key):
         assert stack.get("/x/anything", headers={"X-API-Key": key}).status_code == 200
 
 
+def test_per_try_read_timeouts_eject_the_target(stack, live, key):
+    # The target's own read timeout (0.3 s) judges it: after 2 in a row, its circuit opens
+    # (per worker) and the answer is 503 until the cool-down ends.
+    serve(
+        stack,
+        live,
+        [stack.upstream_port],
+        read_timeout=0.3,
+        eject_after_failures=2,
+        eject_seconds=60,
+        route={"retries": 0},
+    )
+    seen = []
+    for _ in range(12):  # two workers, two timeouts each at most before one ejects
+        resp = requests.get(
+            stack.gateway_url + "/x/delay/1", headers={"X-API-Key": key}, timeout=15
+        )
+        seen.append(resp.status_code)
+        if resp.status_code == 503:
+            assert_problem(resp, 503, "no-healthy-target")
+            break
+    assert seen[-1] == 503 and set(seen[:-1]) <= {504}, seen
+
+
 class _Blackhole:
     """A listening socket with a full backlog: connecting to it hangs (SYNs are dropped)."""
 
