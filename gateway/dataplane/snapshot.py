@@ -417,6 +417,25 @@ def _plan_info(plan) -> PlanInfo:
     )
 
 
+def _grant_identity(
+    info: PlanInfo, sub_id: int, status: str, consumer: int, org: int | None, shared: dict
+) -> KeyEntry:
+    """A JWT consumer's subscription as an entry (pk 0: no key)."""
+    return _grant(
+        info,
+        pk=0,
+        key_id="",
+        digest=b"",
+        expires_at=None,
+        scopes="",
+        sub_id=sub_id,
+        status=status,
+        consumer=consumer,
+        org=org,
+        shared=shared,
+    )
+
+
 def _grant(
     info: PlanInfo,
     *,
@@ -484,20 +503,7 @@ def load_identities() -> dict[str, tuple[KeyEntry, ...]]:
         .order_by("pk")
     )
     for sub_id, status, plan_id, consumer, org, external_id in rows:
-        info = plan_info[plan_id]
-        entry = _grant(
-            info,
-            pk=0,
-            key_id="",
-            digest=b"",
-            expires_at=None,
-            scopes="",
-            sub_id=sub_id,
-            status=status,
-            consumer=consumer,
-            org=org,
-            shared=shared,
-        )
+        entry = _grant_identity(plan_info[plan_id], sub_id, status, consumer, org, shared)
         out.setdefault(external_id, []).append(entry)
     return {k: tuple(v) for k, v in out.items()}
 
@@ -789,21 +795,8 @@ def read_cache(path: Path) -> tuple[ConfigSource, dict] | None:
     for ext, sub_id, status, plan_id, consumer, org in identity_rows:
         info = plans.get(plan_id)
         if info is not None:
-            identities.setdefault(ext, []).append(
-                _grant(
-                    info,
-                    pk=0,
-                    key_id="",
-                    digest=b"",
-                    expires_at=None,
-                    scopes="",
-                    sub_id=sub_id,
-                    status=status,
-                    consumer=consumer,
-                    org=org,
-                    shared=shared,
-                )
-            )
+            entry = _grant_identity(info, sub_id, status, consumer, org, shared)
+            identities.setdefault(ext, []).append(entry)
     source = ConfigSource(
         epoch=top["epoch"],
         version=top["version"],
