@@ -157,3 +157,21 @@ class _Args:
     connections = 50
     duration = 8
     rounds = 3
+
+
+def test_guest_halt_polling_is_set_for_the_run_and_restored_after_it(
+    bench_run, tmp_path, monkeypatch
+):
+    knob = tmp_path / "guest_halt_poll_ns"
+    knob.write_text("0\n")
+    monkeypatch.setattr(bench_run, "HALT_POLL", knob)
+    with pytest.raises(KeyboardInterrupt), bench_run.guest_halt_poll(200_000):
+        assert knob.read_text() == "200000" and bench_run.halt_poll_ns() == "200000"
+        raise KeyboardInterrupt
+    assert knob.read_text() == "0"
+    with bench_run.guest_halt_poll(None):  # default: the machine's setting is left alone
+        assert knob.read_text() == "0"
+    monkeypatch.setattr(bench_run, "HALT_POLL", tmp_path / "missing")
+    assert bench_run.halt_poll_ns() == "n/a"
+    with pytest.raises(bench_run.BenchError, match="needs root"), bench_run.guest_halt_poll(1):
+        pass
