@@ -231,3 +231,20 @@ def test_a_budget_of_zero_still_allows_envoys_minimum_of_three_retries():
     assert b.may_retry()
     b.retries_in_flight = 3
     assert not b.may_retry()
+
+
+def test_tls_contexts_are_kept_while_used_and_dropped_when_their_files_are_replaced():
+    registry = TargetRegistry()
+    old_key = (False, "", "", "", (None, None, None))
+    new_key = (False, "", "", "", (None, None, (1, 2, 3)))
+    registry.begin_build()
+    old = registry.ssl(old_key)
+    registry.end_build()
+    registry.begin_build()
+    assert registry.ssl(old_key) is old  # built once per setting
+    registry.ssl(new_key)
+    registry.end_build()
+    registry.begin_build()
+    registry.ssl(new_key)
+    registry.end_build()
+    assert old_key not in registry._ssl and new_key in registry._ssl

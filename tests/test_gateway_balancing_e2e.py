@@ -340,6 +340,51 @@ def test_https_upstream_that_fails_verification_is_502(stack, live, key, tls_ups
     assert resp.json()["type"] == "urn:apigw:problem:bad-gateway"
 
 
+def test_a_renewed_client_certificate_is_loaded_without_a_config_change(
+    stack, live, key, tls_upstream, tmp_path
+):
+    """The gateway holds a client certificate from a CA the upstream does not trust (it
+    answers 502); the files are then renewed in place, the key first: the gateway loads them
+    with no config change, also after it saw the key and the old certificate not match."""
+    port, d = tls_upstream
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             "/CN=stranger", "-keyout", "old.key", "-out", "old.pem", cwd=tmp_path)  # fmt: skip
+    live_dir = tmp_path / "live"
+    live_dir.mkdir()
+    cert, cert_key = live_dir / "client.pem", live_dir / "client.key"
+    cert.write_bytes((tmp_path / "old.pem").read_bytes())
+    cert_key.write_bytes((tmp_path / "old.key").read_bytes())
+    serve(
+        stack,
+        live,
+        [port],
+        scheme="https",
+        eject_after_failures=0,
+        tls_ca_file=str(d / "ca.pem"),
+        tls_server_name="upstream.test",
+        tls_client_cert=str(cert),
+        tls_client_key=str(cert_key),
+    )
+    assert stack.get("/lb/anything", headers={"X-API-Key": key}).status_code == 502
+
+    def renew(target: Path, source: Path) -> None:  # as certbot and cert-manager do: rename
+        tmp = target.with_suffix(".new")
+        tmp.write_bytes(source.read_bytes())
+        tmp.replace(target)
+
+    renew(cert_key, d / "client.key")
+    time.sleep(7)  # a check (every 5 s) sees a key that does not match the certificate
+    assert stack.get("/lb/anything", headers={"X-API-Key": key}).status_code == 502
+    renew(cert, d / "client.pem")
+    # Well before the 30 s after which a failed build is retried anyway.
+    _wait_stable(
+        stack,
+        lambda: stack.get("/lb/anything", headers={"X-API-Key": key}).status_code == 200,
+        timeout=15,
+        what="the renewed client certificate",
+    )
+
+
 def test_least_connections_keeps_new_requests_off_a_slow_target(stack, live, key, reset_pool):
     slow, fast = reset_pool[0], reset_pool[1]
     serve(stack, live, [slow, fast], algorithm="least_connections")

@@ -50,6 +50,7 @@ from gateway.dataplane.snapshot import (
     load_source,
     pickle_structure,
     read_cache,
+    tls_file_stamps,
     write_cache,
 )
 from gateway.dataplane.stages.aggregate import AggregateHandler
@@ -82,6 +83,10 @@ _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+=/-]{1,128}$")
 # Stages about HTTP payloads: a WebSocket handshake skips them (its messages are relayed).
 _NOT_FOR_WEBSOCKET = frozenset({"cors", "validate", "transform_request", "cache"})
 RETRY_BROKEN_SECONDS = 30.0  # a snapshot that failed to compile is tried again this often
+# Upstream TLS files (CA, client certificate and key) are checked this often: a renewed one
+# (cert-manager, certbot, a deploy) is loaded by a rebuild, with no config change. Pooled
+# connections keep the handshake they made; new ones use the new files.
+TLS_FILES_CHECK_SECONDS = 5.0
 # The on-disk config cache is rewritten at most this often (key deltas coalesce): a write of
 # 100,000 keys costs ~0.1 s of a helper thread, and slows the event loop while it runs (it
 # shares the GIL). A worker that starts without the database may miss the last 5 s of key
@@ -199,6 +204,7 @@ class GatewayApp:
         self._cache_structure: tuple[tuple, list[bytes]] | None = None
         self._counters_loaded = False
         self._profiler = None
+        self._tls_stamps: dict[tuple, tuple] = {}  # upstream TLS files as last checked
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -273,6 +279,7 @@ class GatewayApp:
         if self._redis is not None:
             self._tasks.append(asyncio.create_task(self._listen_config(), name="config-listen"))
         self._tasks.append(asyncio.create_task(self._report_gauges(), name="gauges"))
+        self._tasks.append(asyncio.create_task(self._watch_tls_files(), name="tls-files"))
         # Everything loaded so far (Django, models, the snapshot) lives as long as the worker:
         # keep it out of the cyclic GC's generations so collections stay short (no long
         # pauses in the latency tail), and collect the young generation less often.
@@ -783,6 +790,42 @@ class GatewayApp:
                 await self.refresh_snapshot()
             except Exception as exc:  # keep serving the last snapshot
                 self._warn_refresh(exc)
+
+    async def _watch_tls_files(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TLS_FILES_CHECK_SECONDS)
+            try:
+                await self.check_tls_files(loop)
+            except Exception as exc:  # never let the watch die
+                log.warning("upstream TLS file check failed: %s", exc)
+
+    async def check_tls_files(self, loop=None) -> bool:
+        """Rebuild if an upstream's TLS files changed since the serving snapshot loaded them
+        (and since the last check: a renewal that failed to load, say a certificate already
+        replaced but not yet its key, is retried when the files change again, or after
+        RETRY_BROKEN_SECONDS). True if a rebuild was asked for."""
+        snapshot = self.snapshot
+        if snapshot is None or not any(up.ssl_key for up in snapshot.upstreams):
+            return False
+        loop = loop or asyncio.get_running_loop()
+        now = await loop.run_in_executor(None, tls_file_stamps, snapshot.upstreams)
+        last, self._tls_stamps = self._tls_stamps, now
+        changed = [
+            key
+            for key, stamps in now.items()
+            if stamps != key[-1]
+            and None not in (st for f, st in zip(key[1:4], stamps, strict=True) if f)
+        ]
+        fresh = [key for key in changed if last.get(key) != now[key]]
+        if not fresh:
+            return False
+        names = sorted({up.name for up in snapshot.upstreams if up.ssl_key in fresh})
+        log.warning("upstream TLS files changed (%s): rebuilding", ", ".join(names))
+        self._stale = True
+        self._broken_since = None  # new files may be what a failed build lacked
+        self._config_changed.set()
+        return True
 
     async def _listen_config(self) -> None:
         """With Redis, config bumps arrive by pub/sub: workers converge in milliseconds."""

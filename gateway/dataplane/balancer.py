@@ -144,6 +144,7 @@ class TargetRegistry:
         self._budgets: dict[int, RetryBudget] = {}
         self._ssl: dict[tuple, ssl.SSLContext | bool] = {}
         self._seen: set[tuple] = set()
+        self._ssl_seen: set[tuple] = set()
 
     def target(self, upstream_id: int, scheme: str, host: str, port: int, weight: int):
         key = (upstream_id, scheme, host, port)
@@ -167,7 +168,8 @@ class TargetRegistry:
 
     def ssl(self, key: tuple) -> ssl.SSLContext | bool:
         """A TLS context per distinct setting (key: verify, ca file, cert, key, and the files'
-        modification times, so that a renewed certificate is loaded), built once."""
+        stamps, so that a renewed certificate is loaded), built once."""
+        self._ssl_seen.add(key)
         if key not in self._ssl:
             verify, ca_file, client_cert, client_key, _mtimes = key
             self._ssl[key] = ssl_context(
@@ -177,12 +179,16 @@ class TargetRegistry:
 
     def begin_build(self) -> None:
         self._seen = set()
+        self._ssl_seen = set()
 
     def end_build(self) -> None:
         """Forget targets the new snapshot no longer has (their state goes with them)."""
         for key in list(self._targets):
             if key not in self._seen:
                 del self._targets[key]
+        for key in list(self._ssl):  # contexts of replaced files (or settings) go too
+            if key not in self._ssl_seen:
+                del self._ssl[key]
         kept = {key[0] for key in self._seen}
         for upstream_id in list(self._budgets):
             if upstream_id not in kept:

@@ -1128,6 +1128,28 @@ def compile_snapshot(
     )
 
 
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What tells a renewed file from the one loaded (modification time, size, inode: a
+    renewal by rename keeps neither the inode nor, usually, the time); None if missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def tls_file_stamps(upstreams) -> dict[tuple, tuple]:
+    """{an upstream's TLS setting (ssl_key): its files' stamps now}, for the https upstreams
+    of a snapshot (their keys hold the stamps they were loaded at). A file that is missing
+    now (a renewal between its delete and its create) reads as None."""
+    out: dict[tuple, tuple] = {}
+    for up in upstreams:
+        if up.ssl_key and up.ssl_key not in out:
+            files = up.ssl_key[1:4]
+            out[up.ssl_key] = tuple(file_stamp(f) if f else None for f in files)
+    return out
+
+
 def compile_upstream(up, registry: TargetRegistry) -> UpstreamEntry:
     """An upstream's entry: its targets' (surviving) states, balancer, health, TLS."""
     from gateway.models import parse_status_list
@@ -1151,8 +1173,13 @@ def compile_upstream(up, registry: TargetRegistry) -> UpstreamEntry:
     ssl_key: tuple = ()
     if up.scheme == "https":
         files = (up.tls_ca_file, up.tls_client_cert, up.tls_client_key)
-        mtimes = tuple(os.stat(f).st_mtime_ns if f else 0 for f in files)
-        ssl_key = (up.tls_verify, *files, mtimes)
+        stamps = tuple(file_stamp(f) if f else None for f in files)
+        if None in (stamp for f, stamp in zip(files, stamps, strict=True) if f):
+            missing = ", ".join(
+                f for f, stamp in zip(files, stamps, strict=True) if f and not stamp
+            )
+            raise routing.RouteConfigError("upstream", f"{up.name}: TLS file missing: {missing}")
+        ssl_key = (up.tls_verify, *files, stamps)
         tls = registry.ssl(ssl_key)
     return UpstreamEntry(
         id=up.pk,
