@@ -23,6 +23,7 @@ STATS = {
     "streams_completed": 0,
     "streams_abandoned": 0,
     "stream_chunks_sent": 0,
+    "answered": 0,  # requests answered by the echo or by /_mode (tests of retries)
     "requests": {},  # "path?query" -> how many echo requests asked for it (tests of caching)
 }
 # /_mode: answer every request with this status (0: normally), after this delay (seconds)
@@ -213,6 +214,7 @@ async def app(scope, receive, send) -> None:
             MODE["delay"] = 0.0
         await _json(send, 200, MODE)
         return
+    STATS["answered"] += 1
     if MODE["delay"] and scope["path"] != "/healthz":
         await asyncio.sleep(MODE["delay"])
     if MODE["status"]:

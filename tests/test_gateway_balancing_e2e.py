@@ -246,6 +246,40 @@ def test_a_long_trial_answer_does_not_hold_the_circuit_half_open(stack, live, ke
         assert next(lines) == b"rest"
 
 
+@pytest.mark.parametrize("budget", [0.0, 1.0])
+def test_the_retry_budget_bounds_retries_when_every_request_fails_at_once(
+    stack, live, key, reset_pool, budget
+):
+    """30 GETs in flight, then their target answers all of them 503 at once (an outage):
+    with a budget of 0 only Envoy's minimum of 3 retries per worker may be in flight, and the
+    other requests get the upstream's 503 untouched instead of multiplying the load; a budget
+    of 1.0 lets every one retry (twice, the route's count)."""
+    (port,) = reset_pool[:1]
+    serve(
+        stack,
+        live,
+        [port],
+        eject_after_failures=0,
+        retry_budget=budget,
+        route={"retries": 2},
+    )
+    stats = f"http://127.0.0.1:{port}/_stats"
+    requests.get(f"http://127.0.0.1:{port}/_mode?status=503&delay=0.5", timeout=5)
+    before = requests.get(stats, timeout=5).json()["answered"]
+    with ThreadPoolExecutor(max_workers=30) as ex:
+        got = list(ex.map(lambda _: stack.get("/lb/x", headers={"X-API-Key": key}), range(30)))
+    tries = requests.get(stats, timeout=5).json()["answered"] - before
+    assert {r.status_code for r in got} == {503}
+    # Each answer is the upstream's own (passed through), or, after a retry, the gateway's
+    # problem naming the upstream's status: never a 500, never "no target".
+    assert all(r.json().get("mode") == 503 or "503" in r.json().get("detail", "") for r in got)
+    workers = int(stack.env["GATEWAY_WORKERS"])
+    if budget == 0.0:
+        assert 30 < tries <= 30 + 2 * 3 * workers, tries
+    else:
+        assert tries == 90, tries
+
+
 def test_no_enabled_target_is_503(stack, live, key):
     serve(stack, live, [])
     resp = stack.get("/lb/x", headers={"X-API-Key": key})

@@ -361,7 +361,13 @@ class ProxyHandler:
                 # (it cannot be replayed), and past the connection only idempotent methods.
                 # A retry prefers a target not tried yet (nginx's proxy_next_upstream), else
                 # any available one, the same again included (pick() chooses).
-                can_retry = tries_left > 0 and not ctx.body_streamed and balancer.may_retry()
+                # The retry budget is asked before the try (may its failure be held back
+                # for a retry?) and again when it failed: requests that started together
+                # fail together (an outage), and only the budget's share of them may retry.
+                # A request already retrying holds its slot for its further tries.
+                can_retry = (
+                    tries_left > 0 and not ctx.body_streamed and (retrying or balancer.may_retry())
+                )
                 outcome = await self._exchange(
                     ctx,
                     target,
@@ -371,6 +377,7 @@ class ProxyHandler:
                     timeout,
                     deadline,
                     last=not (can_retry and idempotent),
+                    retrying=retrying,
                 )
                 if outcome is None:
                     return None  # answered (or the client left)
@@ -381,6 +388,7 @@ class ProxyHandler:
                     or not (retry_any_method or idempotent)
                     or ctx.body_streamed
                     or (deadline is not None and asyncio.get_running_loop().time() >= deadline)
+                    or not (retrying or balancer.may_retry())
                 ):
                     return failure
                 tries_left -= 1
@@ -404,6 +412,7 @@ class ProxyHandler:
         deadline,
         *,
         last,
+        retrying=False,
     ) -> tuple[LocalResponse, bool | None] | None:
         """One try against one target. None when the client got an answer (or left); else
         (the problem to answer with, whether even a non-idempotent request may be retried:
@@ -438,10 +447,13 @@ class ProxyHandler:
                         # Told now, for the question: is any target left for another try?
                         balancer.failed(target)
                         verdict = "judged"
-                        if balancer.any_available():
+                        # ... and is there room in the retry budget (now, not when the try
+                        # began)? If not, the upstream's answer passes through.
+                        if balancer.any_available() and (retrying or balancer.may_retry()):
                             # Another try will answer: this one is dropped, unread.
                             return _upstream_status_problem(ctx, status), False
-                        # None left (this failure opened the last circuit): it passes through.
+                        # None left (this failure opened the last circuit), or no room in
+                        # the budget: it passes through.
                 else:
                     # Judged on the head: a long answer (a stream) must not hold the circuit's
                     # half-open trial slot until it ends.
