@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from django.db import transaction
 from django.db.models import F
 
 from gateway.models import ConfigState, ConfigVersion
+
+# What a change to one object can alter in the gateways' snapshot: per model, a function
+# giving the API keys whose snapshot entries depend on the object as the database has it (a
+# key delta), or None (a rebuild: structural, or something only a rebuild reloads). Apps
+# register theirs in ready(); a model without one is structural.
+_SCOPES: dict[type, Callable[[object], Iterable[str] | None]] = {}
+
+
+def register_scope(model: type, scope: Callable[[object], Iterable[str] | None]) -> None:
+    _SCOPES[model] = scope
+
+
+def change_scope(obj) -> set[str] | None:
+    """The keys a change to `obj` (as stored now) can alter; None: a rebuild."""
+    scope = _SCOPES.get(obj._meta.concrete_model)
+    if scope is None:
+        return None
+    keys = scope(obj)
+    return None if keys is None else set(keys)
+
+
+def stored_scope(obj) -> set[str] | None:
+    """change_scope of `obj` as the database still has it, before a change is written (the
+    keys it reaches may be others after: a consumer moved, an external id dropped)."""
+    model = obj._meta.concrete_model
+    if model not in _SCOPES:
+        return None
+    if obj.pk is None:
+        return set()
+    stored = model._default_manager.filter(pk=obj.pk).first()
+    return set() if stored is None else change_scope(stored)
+
+
+def merge_scopes(*scopes: set[str] | None) -> set[str] | None:
+    """The keys of several scopes; None (a rebuild) if any of them is."""
+    out: set[str] = set()
+    for scope in scopes:
+        if scope is None:
+            return None
+        out |= scope
+    return out
 
 
 def config_bump(*, actor=None, reason: str, key_ids: Iterable[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from rest_framework import exceptions, filters, serializers, status, viewsets
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from gateway.config import config_bump
+from gateway.config import change_scope, config_bump, merge_scopes, stored_scope
 from gateway.rest_defaults import FilterBackend, StrictOrderingFilter
 
 log = logging.getLogger("gateway.rest")
@@ -270,24 +270,32 @@ class ConfigViewSet(
     filter_backends = FILTERS
     ordering = ["id"]
 
+    # A key delta when the object's scope says which keys it reaches (before and after the
+    # change: gateway.config.register_scope), else a rebuild.
     def perform_create(self, serializer) -> None:
         with transaction.atomic():
             serializer.save()
-            self._bump(serializer.instance, "added")
+            self._bump(serializer.instance, "added", set())
 
     def perform_update(self, serializer) -> None:
         with transaction.atomic():
+            before = stored_scope(serializer.instance)
             serializer.save()
-            self._bump(serializer.instance, "changed")
+            self._bump(serializer.instance, "changed", before)
 
     def perform_destroy(self, instance) -> None:
         with transaction.atomic():
             label = f"{instance._meta.verbose_name} {instance} deleted"
+            scope = stored_scope(instance)
             instance.delete()
-            config_bump(actor=self.request.user, reason=label)
+            config_bump(actor=self.request.user, reason=label, key_ids=scope)
 
-    def _bump(self, obj, verb: str) -> None:
-        config_bump(actor=self.request.user, reason=f"{obj._meta.verbose_name} {obj} {verb}")
+    def _bump(self, obj, verb: str, before: set[str] | None) -> None:
+        config_bump(
+            actor=self.request.user,
+            reason=f"{obj._meta.verbose_name} {obj} {verb}",
+            key_ids=merge_scopes(before, change_scope(obj)),
+        )
 
 
 @csrf_exempt  # no state changes here: a POST to a wrong path gets 404, not a CSRF page

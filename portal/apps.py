@@ -11,6 +11,9 @@ class PortalConfig(AppConfig):
         from portal.models import ApiKey
 
         post_delete.connect(_key_deleted, sender=ApiKey, dispatch_uid="portal.key_deleted")
+        from portal.scopes import register
+
+        register()  # admin and REST edits of keys, users, consumers...: key deltas
 
 
 def _key_deleted(sender, instance, **kwargs) -> None:
