@@ -444,3 +444,25 @@ def test_the_cache_round_trips_and_compiles_without_the_database(live, django_db
     assert [s.name for s in route.stages] == [
         s.name for s in built.router.match("GET", "/demo/x")[0].stages
     ]
+
+
+def test_a_cache_written_for_other_models_is_refused(live, tmp_path, monkeypatch):
+    """A deploy that changes the models cannot unpickle an older cache into working rows:
+    it is refused at once (the worker then waits for the database), not half-loaded."""
+    from gateway.dataplane import snapshot
+    from gateway.dataplane.snapshot import load_source, pickle_structure, read_cache, write_cache
+
+    source = load_source()
+    path = tmp_path / "config-cache-x.pickle"
+    write_cache(
+        path,
+        epoch=source.epoch,
+        version=source.version,
+        source=source,
+        structure=pickle_structure(source),
+        keys=source.keys.copy(),
+    )
+    assert read_cache(path) is not None
+    monkeypatch.setattr(snapshot, "models_fingerprint", lambda: "another-schema")
+    with pytest.raises(ValueError, match="other models"):
+        read_cache(path)

@@ -7,6 +7,7 @@ replacing one attribute when the config version moves. Requests never query the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -607,6 +608,25 @@ def load_source() -> ConfigSource:
 CACHE_FORMAT = 1
 
 
+@functools.cache
+def models_fingerprint() -> str:
+    """The shape of the models the cache pickles (every model of the gateway and portal
+    apps: table and concrete fields): a deploy that changes them makes an older cache
+    unusable, refused at once rather than failing later on a missing attribute."""
+    import hashlib
+
+    from django.apps import apps
+
+    parts = []
+    for label in ("gateway", "portal"):
+        for model in sorted(apps.get_app_config(label).get_models(), key=lambda m: m.__name__):
+            fields = ",".join(
+                f"{f.attname}:{f.get_internal_type()}" for f in model._meta.concrete_fields
+            )
+            parts.append(f"{model._meta.db_table}({fields})")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def cache_path(directory: str) -> Path | None:
     """The cache file of this database under `directory` ("" : no cache). Named after the
     database, so that a gateway pointed at another one never serves this one's config."""
@@ -719,6 +739,7 @@ def write_cache(
         header = {
             "format": CACHE_FORMAT,
             "django": django.__version__,
+            "models": models_fingerprint(),
             **stamp,
             "written_at": time.time(),
             "structure": len(structure),
@@ -748,7 +769,8 @@ def write_cache(
 
 def read_cache(path: Path) -> tuple[ConfigSource, dict] | None:
     """The cached configuration (keys current through its "version") and its stamp; None if
-    there is no cache. A cache of another format or Django version raises ValueError."""
+    there is no cache. A cache of another format, Django version or models raises
+    ValueError."""
     import django
 
     try:
@@ -762,6 +784,8 @@ def read_cache(path: Path) -> tuple[ConfigSource, dict] | None:
         top = load(f)  # noqa: S301
         if top.get("format") != CACHE_FORMAT or top.get("django") != django.__version__:
             raise ValueError(f"cache format {top.get('format')} / Django {top.get('django')}")
+        if top.get("models") != models_fingerprint():
+            raise ValueError("cache written by a version of the gateway with other models")
         pieces = [load(f) for _ in range(top["structure"])]  # noqa: S301
         plans: dict[int, PlanInfo] = load(f)  # noqa: S301
         key_rows = [row for _ in range(-(-top["keys"] // CACHE_CHUNK)) for row in load(f)]  # noqa: S301
