@@ -34,6 +34,24 @@ def _fresh_cache():
     cache.clear()
 
 
+@pytest.fixture
+def pinned_ratelimit_window(monkeypatch):
+    """django-ratelimit counts in fixed windows (ending at hour + crc32(key) % 3600): keep
+    each window where it was first computed, so that a test's loop cannot straddle a window
+    end and see its counter start over."""
+    from django_ratelimit import core
+
+    real = core._get_window
+    pinned: dict = {}
+
+    def window(value, period):
+        if (value, period) not in pinned:
+            pinned[value, period] = real(value, period)
+        return pinned[value, period]
+
+    monkeypatch.setattr(core, "_get_window", window)
+
+
 def make_user(email: str, *, verified: bool = True, password: str = PASSWORD):
     from allauth.account.models import EmailAddress
 

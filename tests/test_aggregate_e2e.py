@@ -6,8 +6,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import active_key, make_user, wait_for_key
-from tests.procs import wait_until
+from tests.conftest import _wait_stable, active_key, make_user, wait_for_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -43,8 +42,10 @@ def test_three_calls_that_each_wait_for_the_others_succeed_together(stack, live,
     }
     _aggregate_route(live, name="dashboard", calls=calls)
     first = uuid.uuid4().hex
-    # The catch-all route answers until every worker has the new one: poll on the shape.
-    wait_until(
+    # The catch-all route answers until every worker has the new one: poll on the shape
+    # until it holds on consecutive requests (workers rebuild their snapshots independently).
+    _wait_stable(
+        stack,
         lambda: "orders" in stack.get(f"/demo/dashboard/{uuid.uuid4().hex}", headers=key).json(),
         timeout=15,
         what="the aggregate route",
@@ -63,7 +64,8 @@ def test_partial_failure_follows_the_routes_policy(stack, live, key):
     slow = {"upstream": "echo", "path": "/delay/3", "timeout": 0.3}
     _aggregate_route(live, name="strict", calls={"user": good, "billing": broken})
     _aggregate_route(live, name="lenient", calls={"user": good, "slow": slow}, on_error="partial")
-    wait_until(
+    _wait_stable(
+        stack,
         lambda: all(
             "user" in stack.get(p, headers=key).json()
             or "billing" in stack.get(p, headers=key).json().get("errors", {})

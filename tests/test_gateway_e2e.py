@@ -233,6 +233,7 @@ def test_requests_become_raw_events_and_minute_rollups(stack, live, dev):
         what="the anonymous 401 to be logged",
     )
     assert ApiKey.objects.get(pk=issued.api_key.pk).last_used_at is not None
+    stack.wait_ingest_idle()  # no batch committed between the separate totals below
     per_api = Rollup.objects.filter(dimension="api")
     total = per_api.filter(granularity="m").aggregate(n=Sum("count"))["n"]
     assert total == per_api.filter(granularity="h").aggregate(n=Sum("count"))["n"]

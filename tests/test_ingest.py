@@ -230,7 +230,7 @@ def test_rollups_rebuild_from_raw_events_gives_the_same_numbers():
         Rollup.objects.values_list("granularity", "dimension", "dim_id", "status_class", "count")
     )
     Rollup.objects.all().delete()
-    day = datetime.now(UTC).date()
+    day = datetime.fromtimestamp(NOW, UTC).date()  # the events' day (NOW: collection time)
     call_command(
         "rebuildrollups", since=day.isoformat(), until=(day + timedelta(days=1)).isoformat()
     )

@@ -11,7 +11,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.conftest import active_key, make_user, set_rate_limit, wait_for_config
+from tests.conftest import _wait_stable, active_key, make_user, set_rate_limit, wait_for_config
 from tests.procs import ROOT, Proc, child_env, free_port, port_open, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -111,8 +111,10 @@ def _get(stack, path: str, token: str | None = None, **headers) -> requests.Resp
 
 
 def _until(stack, path: str, token: str, status: int, *, timeout: float = 10) -> requests.Response:
-    """Every gateway worker converges on the config independently: poll until it holds."""
-    wait_until(
+    """Every gateway worker converges on the config independently: poll until it holds on
+    consecutive requests, not just on the first worker to converge."""
+    _wait_stable(
+        stack,
         lambda: _get(stack, path, token).status_code == status,
         timeout=timeout,
         what=f"{path} to answer {status}",
@@ -148,7 +150,8 @@ def test_bad_tokens_are_401_and_unknown_subjects_403(stack, jwt_api, idp):
 
 def test_api_keys_still_work_on_an_api_that_takes_either(stack, jwt_api, idp, live):
     issued = active_key(make_user("dev@example.com"), live.free)
-    wait_until(
+    _wait_stable(
+        stack,
         lambda: stack.get("/demo/x", headers={"X-API-Key": issued.key}).status_code == 200,
         timeout=10,
         what="the key",
@@ -190,7 +193,10 @@ def test_jwt_consumers_are_rate_limited_per_subject(stack, jwt_api, idp, live):
     # residue, and the last request could land after it. No earlier JWT request used an
     # hour counter; once two are admitted, the next 1,800 s are refused.
     set_rate_limit(plan=live.free, limit=2, window="hour", burst=1)
-    wait_until(
+    # Every worker must have the rule (refusals carry the headers too): by then the polling
+    # has used up the subject's two admissions.
+    _wait_stable(
+        stack,
         lambda: _get(stack, "/demo/x", idp.token()).headers.get("x-ratelimit-limit") == "2",
         timeout=10,
         what="the new limit",

@@ -283,7 +283,9 @@ def test_redis_window_bound_holds_on_redis_time():
     # Stamped after the answer, so an admitted request is timed late by at most the round
     # trip: the window count can only err by requests that straddle its edges.
     assert _max_in_any_window(times, 1.0) <= 20 + 4 + 1
-    assert len(times) >= 0.95 * (20 * 2.5) + 4 - 1
+    # About 20 * 2.5 + 4 = 54 expected; 10 % of slack absorbs a machine stall of ~0.45 s
+    # (the burst refills 0.2 s of it) yet still catches a limiter admitting at a lower rate.
+    assert len(times) >= 0.9 * (20 * 2.5 + 4)
 
 
 def _limit_ctx(client_ip: str = "10.0.0.1"):

@@ -127,7 +127,7 @@ def test_forms_require_csrf(developer, catalog):
     assert csrf_client.post(reverse("portal:subscribe", args=["free"])).status_code == 403
 
 
-def test_key_creation_is_throttled(client, developer, catalog, settings):
+def test_key_creation_is_throttled(client, developer, catalog, settings, pinned_ratelimit_window):
     consumer_for_user(developer)
     client.force_login(developer)
     client.post(reverse("portal:subscribe", args=["free"]))

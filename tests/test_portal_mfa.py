@@ -19,7 +19,14 @@ EMAIL = "mfa@example.com"
 def totp(secret: str, at: float | None = None) -> str:
     """What an authenticator app shows: RFC 6238 with SHA-1, 30 s steps, 6 digits."""
     key = base64.b32decode(secret + "=" * (-len(secret) % 8))
-    counter = int((time.time() if at is None else at) // 30)
+    if at is None:
+        # allauth checks the current step only (no tolerance): a code from a step about to
+        # end could be stale by the time the server checks it, so wait for the next one.
+        left = 30 - time.time() % 30
+        if left < 2:
+            time.sleep(left + 0.05)
+        at = time.time()
+    counter = int(at // 30)
     digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
     offset = digest[-1] & 0x0F
     value = (struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF) % 10**6

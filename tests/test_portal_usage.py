@@ -40,7 +40,8 @@ def test_usage_merges_ones_keys_over_ranges(client, traffic):
     page = client.get("/usage/")
     assert page.status_code == 200
     assert page.context["range"] == "24h" and page.context["usage"]["total"] == 7
-    assert page.context["usage"]["series"]["5xx"][-1] == 1
+    # In the latest hour, or the one before if the hour turned since the events were stamped.
+    assert sum(page.context["usage"]["series"]["5xx"][-2:]) == 1
     assert [(k.pk, k.requests) for k in page.context["keys"]] == [(mine.pk, 5), (second.pk, 2)]
     assert page.context["quotas"][0][1].limit == 10_000
     html = page.content.decode()
@@ -135,7 +136,9 @@ def test_key_by_api_rollups_match_between_ingest_and_rebuild():
     assert not Rollup.objects.filter(dimension="kapi", granularity="m").exists()  # none: cost
 
 
-def test_exports_are_throttled_with_a_page_that_says_when_to_retry(client, traffic):
+def test_exports_are_throttled_with_a_page_that_says_when_to_retry(
+    client, traffic, pinned_ratelimit_window
+):
     for _ in range(60):
         assert client.get("/usage.csv").status_code == 200
     resp = client.get("/usage.csv")
