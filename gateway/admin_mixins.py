@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.db import transaction
 
-from gateway.config import change_scope, config_bump, merge_scopes, stored_scope
+from gateway.config import change_scope, config_bump, config_lock, merge_scopes, stored_scope
 
 
 class ConfigChangeMixin:
@@ -26,6 +26,7 @@ class ConfigChangeMixin:
             obj = form.instance
             verb = "changed" if change else "added"
             before = getattr(request, "_config_scope", None)
+            config_lock()  # before reading the keys the change reaches now
             config_bump(
                 actor=request.user,
                 reason=f"{obj._meta.verbose_name} {obj} {verb}",
@@ -35,6 +36,7 @@ class ConfigChangeMixin:
     def delete_model(self, request, obj) -> None:
         with transaction.atomic():
             label = f"{obj._meta.verbose_name} {obj} deleted"
+            config_lock()
             scope = stored_scope(obj)
             super().delete_model(request, obj)
             config_bump(actor=request.user, reason=label, key_ids=scope)
@@ -42,6 +44,7 @@ class ConfigChangeMixin:
     def delete_queryset(self, request, queryset) -> None:
         with transaction.atomic():
             n = queryset.count()
+            config_lock()
             scope = merge_scopes(*(stored_scope(obj) for obj in queryset))
             super().delete_queryset(request, queryset)
             config_bump(

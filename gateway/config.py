@@ -42,6 +42,18 @@ def stored_scope(obj) -> set[str] | None:
     return set() if stored is None else change_scope(stored)
 
 
+def config_lock() -> None:
+    """Take the config row's lock now, held until commit (config_bump takes it anyway). Call
+    it before reading which keys a change reaches: on PostgreSQL those reads then see every
+    change committed before (a key issued meanwhile for a user being deactivated), and a
+    concurrent change's own bump waits for this transaction, so no key falls between two
+    deltas."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("config_lock() must run inside the transaction that makes the change")
+    if not ConfigState.objects.filter(pk=1).update(version=F("version")):
+        ConfigState.objects.get_or_create(pk=1, defaults={"version": 0})
+
+
 def merge_scopes(*scopes: set[str] | None) -> set[str] | None:
     """The keys of several scopes; None (a rebuild) if any of them is."""
     out: set[str] = set()

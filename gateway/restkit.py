@@ -28,7 +28,7 @@ from rest_framework import exceptions, filters, serializers, status, viewsets
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from gateway.config import change_scope, config_bump, merge_scopes, stored_scope
+from gateway.config import change_scope, config_bump, config_lock, merge_scopes, stored_scope
 from gateway.rest_defaults import FilterBackend, StrictOrderingFilter
 
 log = logging.getLogger("gateway.rest")
@@ -286,11 +286,13 @@ class ConfigViewSet(
     def perform_destroy(self, instance) -> None:
         with transaction.atomic():
             label = f"{instance._meta.verbose_name} {instance} deleted"
+            config_lock()
             scope = stored_scope(instance)
             instance.delete()
             config_bump(actor=self.request.user, reason=label, key_ids=scope)
 
     def _bump(self, obj, verb: str, before: set[str] | None) -> None:
+        config_lock()  # before reading the keys the change reaches now
         config_bump(
             actor=self.request.user,
             reason=f"{obj._meta.verbose_name} {obj} {verb}",

@@ -110,15 +110,57 @@ def test_admin_deleting_a_user_names_the_keys_they_had(admin_client, developer, 
     assert _last_change().key_ids == [issued.api_key.key_id]
 
 
-def test_admin_organization_edit_with_a_new_member_touches_no_key_of_others(admin_client, catalog):
+def test_admin_organization_edit_with_a_new_member_is_a_delta_of_its_keys(admin_client, catalog):
+    from portal.keys import key_issue
+    from portal.subscriptions import subscription_create
+
     org = Organization.objects.create(name="Acme", slug="acme")
     owner = make_user("owner@example.com")
     Membership.objects.create(organization=org, user=owner, role="owner")
-    issued = active_key(make_user("solo@example.com"), catalog.free)
+    org_consumer = Consumer.objects.create(organization=org)
+    org_key = key_issue(subscription_create(org_consumer, plan=catalog.free), name="org")
+    solo = active_key(make_user("solo@example.com"), catalog.free)
+    newcomer = make_user("new@example.com")
     url = reverse("admin:portal_organization_change", args=[org.pk])
-    _admin_post(admin_client, url, name="Acme Inc")
-    assert _last_change().key_ids == []
-    assert issued.api_key.key_id not in _last_change().key_ids
+    _admin_post(
+        admin_client,
+        url,
+        name="Acme Inc",
+        **{
+            "memberships-TOTAL_FORMS": "2",
+            "memberships-1-user": newcomer.pk,
+            "memberships-1-role": "member",
+            "memberships-1-organization": org.pk,
+        },
+    )
+    assert Membership.objects.filter(organization=org, user=newcomer).exists()
+    assert _last_change().key_ids == [org_key.api_key.key_id]
+    assert solo.api_key.key_id not in _last_change().key_ids
+
+
+def test_admin_bulk_delete_of_users_names_their_keys(admin_client, catalog):
+    a = make_user("a@example.com")
+    b = make_user("b@example.com")
+    keys = sorted(active_key(u, catalog.free).api_key.key_id for u in (a, b))
+    resp = admin_client.post(
+        reverse("admin:portal_user_changelist"),
+        {"action": "delete_selected", "_selected_action": [a.pk, b.pk], "post": "yes"},
+    )
+    assert resp.status_code == 302
+    assert not User.objects.filter(pk__in=[a.pk, b.pk]).exists()
+    assert _last_change().key_ids == keys
+
+
+def test_a_subscription_moved_away_from_a_jwt_consumer_rebuilds(admin_client, catalog):
+    jwt_user = make_user("jwt@example.com")
+    issued = active_key(jwt_user, catalog.free)
+    Consumer.objects.filter(user=jwt_user).update(external_id="sub-9")
+    plain = consumer_for_user(make_user("plain@example.com"))
+    sub = Subscription.objects.get(pk=issued.api_key.subscription_id)
+    url = reverse("admin:portal_subscription_change", args=[sub.pk])
+    _admin_post(admin_client, url, consumer=plain.pk)
+    assert Subscription.objects.get(pk=sub.pk).consumer_id == plain.pk
+    assert _last_change().key_ids is None  # the JWT consumer's identity lost a subscription
 
 
 def test_structural_admin_edits_still_rebuild(admin_client, catalog):

@@ -264,7 +264,8 @@ def test_the_retry_budget_bounds_retries_when_every_request_fails_at_once(
         route={"retries": 2},
     )
     stats = f"http://127.0.0.1:{port}/_stats"
-    requests.get(f"http://127.0.0.1:{port}/_mode?status=503&delay=0.5", timeout=5)
+    # Each try takes 1 s: the 30 requests, sent at once, are all in flight before any fails.
+    requests.get(f"http://127.0.0.1:{port}/_mode?status=503&delay=1", timeout=5)
     before = requests.get(stats, timeout=5).json()["answered"]
     with ThreadPoolExecutor(max_workers=30) as ex:
         got = list(ex.map(lambda _: stack.get("/lb/x", headers={"X-API-Key": key}), range(30)))
@@ -407,7 +408,14 @@ def test_a_renewed_client_certificate_is_loaded_without_a_config_change(
         tmp.replace(target)
 
     renew(cert_key, d / "client.key")
-    time.sleep(7)  # a check (every 5 s) sees a key that does not match the certificate
+    # A check (every 5 s) sees a key that does not match the certificate: the files that
+    # loaded last keep serving (the snapshot is not refused for it).
+    wait_until(
+        lambda: "TLS files cannot be loaded" in stack.procs["gateway"].output(),
+        timeout=15,
+        what="the half-done renewal to be noticed",
+    )
+    assert "keeping the last good ones" in stack.procs["gateway"].output()
     assert stack.get("/lb/anything", headers={"X-API-Key": key}).status_code == 502
     renew(cert, d / "client.pem")
     # Well before the 30 s after which a failed build is retried anyway.

@@ -281,3 +281,30 @@ def test_client_address_from_a_forwarded_header_when_configured(db):
     assert app._forwarded_client(fwd) == "203.0.113.9"
     assert app._forwarded_client([(b"x-forwarded-for", b"203.0.113.9")]) == ""
     assert app._forwarded_client([(b"forwarded", b"for=6.6.6.6, proto=https")]) == ""
+
+
+def test_a_tls_file_change_asks_for_one_rebuild_per_change(tmp_path):
+    """Each new state of an upstream's TLS files asks for a rebuild once; files that stay
+    as they are (a renewal the last build could not load) are not rebuilt again and again."""
+    from types import SimpleNamespace
+
+    from gateway.dataplane.snapshot import file_stamp
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("one")
+    loaded = (False, str(ca), "", "", (file_stamp(str(ca)), None, None))
+    app = GatewayApp(load_settings())
+    app.snapshot = SimpleNamespace(upstreams=(SimpleNamespace(name="up", ssl_key=loaded),))
+
+    async def check() -> bool:
+        app._stale = False
+        return await app.check_tls_files()
+
+    assert not asyncio.run(check())  # as loaded
+    ca.write_text("two, renewed")
+    assert asyncio.run(check()) and app._stale and app._tls_changed_at > 0
+    assert not asyncio.run(check())  # the same files again: already asked
+    ca.unlink()
+    assert not asyncio.run(check())  # missing (mid-renewal): wait for it
+    ca.write_text("three")
+    assert asyncio.run(check())

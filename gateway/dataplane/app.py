@@ -205,6 +205,7 @@ class GatewayApp:
         self._counters_loaded = False
         self._profiler = None
         self._tls_stamps: dict[tuple, tuple] = {}  # upstream TLS files as last checked
+        self._tls_changed_at = 0.0  # monotonic time a check last found them changed
 
     # --- ASGI entry ---------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -420,15 +421,16 @@ class GatewayApp:
         deltas to the serving one; then catch the new one up and swap it in."""
 
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         build = loop.run_in_executor(self._builder, self._in_thread, self._build)
         interval = self.settings.config_poll_interval
         self._building = True
         try:
-            return await self._finish_rebuild(build, interval)
+            return await self._finish_rebuild(build, interval, started)
         finally:
             self._building = False
 
-    async def _finish_rebuild(self, build: asyncio.Future, interval: float) -> bool:
+    async def _finish_rebuild(self, build: asyncio.Future, interval: float, started: float) -> bool:
         from gateway.config import is_database_error
 
         while not build.done():
@@ -477,7 +479,9 @@ class GatewayApp:
         self._source = source
         self.verified_keys.clear()  # its entries are the old snapshot's: let them go
         self._seen = (epoch, version)
-        self._stale = structural  # another structural change came: build again next poll
+        # Another structural change came, or TLS files changed after this build began (it
+        # may have read the old ones): build again next poll.
+        self._stale = structural or self._tls_changed_at > started
         self._broken_since = None
         if self._from_cache:
             self._from_cache = False
@@ -810,6 +814,8 @@ class GatewayApp:
             return False
         loop = loop or asyncio.get_running_loop()
         now = await loop.run_in_executor(None, tls_file_stamps, snapshot.upstreams)
+        if self.snapshot is not snapshot:
+            return False  # swapped meanwhile: the next check compares with the new one
         last, self._tls_stamps = self._tls_stamps, now
         changed = [
             key
@@ -822,6 +828,9 @@ class GatewayApp:
             return False
         names = sorted({up.name for up in snapshot.upstreams if up.ssl_key in fresh})
         log.warning("upstream TLS files changed (%s): rebuilding", ", ".join(names))
+        # A rebuild under way may have read the files before they changed: it is followed
+        # by another (see _finish_rebuild).
+        self._tls_changed_at = time.monotonic()
         self._stale = True
         self._broken_since = None  # new files may be what a failed build lacked
         self._config_changed.set()

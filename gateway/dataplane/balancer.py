@@ -145,6 +145,7 @@ class TargetRegistry:
         self._ssl: dict[tuple, ssl.SSLContext | bool] = {}
         self._seen: set[tuple] = set()
         self._ssl_seen: set[tuple] = set()
+        self._ssl_good: dict[tuple, tuple] = {}  # setting -> key of its last loaded context
 
     def target(self, upstream_id: int, scheme: str, host: str, port: int, weight: int):
         key = (upstream_id, scheme, host, port)
@@ -171,11 +172,19 @@ class TargetRegistry:
         stamps, so that a renewed certificate is loaded), built once."""
         self._ssl_seen.add(key)
         if key not in self._ssl:
-            verify, ca_file, client_cert, client_key, _mtimes = key
+            verify, ca_file, client_cert, client_key, _stamps = key
             self._ssl[key] = ssl_context(
                 verify=verify, ca_file=ca_file, client_cert=client_cert, client_key=client_key
             )
+            self._ssl_good[key[:4]] = key
         return self._ssl[key]
+
+    def last_good_ssl(self, setting: tuple) -> tuple | None:
+        """The key of the last context that loaded for this setting (verify and the three
+        paths), whatever the files' stamps: what keeps serving while a renewal is half done
+        (a new key beside the old certificate) or a file is briefly missing."""
+        key = self._ssl_good.get(setting)
+        return key if key in self._ssl else None
 
     def begin_build(self) -> None:
         self._seen = set()
@@ -189,6 +198,9 @@ class TargetRegistry:
         for key in list(self._ssl):  # contexts of replaced files (or settings) go too
             if key not in self._ssl_seen:
                 del self._ssl[key]
+        for setting, key in list(self._ssl_good.items()):
+            if key not in self._ssl:
+                del self._ssl_good[setting]
         kept = {key[0] for key in self._seen}
         for upstream_id in list(self._budgets):
             if upstream_id not in kept:

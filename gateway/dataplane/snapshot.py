@@ -621,7 +621,8 @@ def models_fingerprint() -> str:
     for label in ("gateway", "portal"):
         for model in sorted(apps.get_app_config(label).get_models(), key=lambda m: m.__name__):
             fields = ",".join(
-                f"{f.attname}:{f.get_internal_type()}" for f in model._meta.concrete_fields
+                f"{f.attname}:{f.get_internal_type()}"
+                for f in (*model._meta.concrete_fields, *model._meta.many_to_many)
             )
             parts.append(f"{model._meta.db_table}({fields})")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -1198,13 +1199,27 @@ def compile_upstream(up, registry: TargetRegistry) -> UpstreamEntry:
     if up.scheme == "https":
         files = (up.tls_ca_file, up.tls_client_cert, up.tls_client_key)
         stamps = tuple(file_stamp(f) if f else None for f in files)
-        if None in (stamp for f, stamp in zip(files, stamps, strict=True) if f):
-            missing = ", ".join(
-                f for f, stamp in zip(files, stamps, strict=True) if f and not stamp
-            )
-            raise routing.RouteConfigError("upstream", f"{up.name}: TLS file missing: {missing}")
         ssl_key = (up.tls_verify, *files, stamps)
-        tls = registry.ssl(ssl_key)
+        try:
+            missing = [f for f, stamp in zip(files, stamps, strict=True) if f and not stamp]
+            if missing:
+                raise FileNotFoundError(f"missing: {', '.join(missing)}")
+            tls = registry.ssl(ssl_key)
+        except OSError as exc:  # ssl.SSLError too: a key that does not match its certificate
+            good = registry.last_good_ssl(ssl_key[:4])
+            if good is None:
+                raise routing.RouteConfigError(
+                    "upstream", f"{up.name}: TLS files cannot be loaded: {exc}"
+                ) from None
+            # A renewal half done (a new key beside the old certificate): the files that
+            # last loaded keep serving; the next change of the files is tried again.
+            log.warning(
+                "upstream %s: TLS files cannot be loaded (%s): keeping the last good ones",
+                up.name,
+                exc,
+            )
+            ssl_key = good
+            tls = registry.ssl(ssl_key)
     return UpstreamEntry(
         id=up.pk,
         name=up.name,
