@@ -92,36 +92,38 @@ def test_host_routing_exact_and_wildcard(stack, live, key):
     assert path_for("127.0.0.1") == 404
     # A request target in absolute form names the host itself (RFC 9112 §3.2.2): it wins
     # over the Host header, for routing and for what the upstream is told.
-    import http.client
     import json
 
-    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=5)
-    try:
-        conn.putrequest("GET", "http://api.example.test:8080/h/x", skip_host=True)
-        conn.putheader("Host", "shop.example.test")
-        conn.putheader("X-API-Key", key)
-        conn.endheaders()
-        resp = conn.getresponse()
-        body = resp.read()
-    finally:
-        conn.close()
-    assert resp.status == 200, body[:300]
+    status, body = _absolute_form_get(
+        stack, "http://api.example.test:8080/h/x", {"Host": "shop.example.test", "X-API-Key": key}
+    )
+    assert status == 200, body[:300]
     seen = json.loads(body)
     assert seen["path"] == "/exact/x"
     headers = {k.lower(): v for k, v in seen["headers"].items()}
     assert headers["x-forwarded-host"] == "api.example.test:8080"
     # No path at all ("GET http://host HTTP/1.1") asks for "/": nothing is served there.
+    status, body = _absolute_form_get(
+        stack, "http://api.example.test", {"Host": "shop.example.test"}
+    )
+    assert status == 404, body[:300]
+    assert json.loads(body)["type"] == "urn:apigw:problem:not-found"
+
+
+def _absolute_form_get(stack, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """GET with an absolute-form request target (as to a forward proxy): (status, body)."""
+    import http.client
+
     conn = http.client.HTTPConnection("127.0.0.1", stack.gateway_port, timeout=5)
     try:
-        conn.putrequest("GET", "http://api.example.test", skip_host=True)
-        conn.putheader("Host", "shop.example.test")
+        conn.putrequest("GET", target, skip_host=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
         conn.endheaders()
         resp = conn.getresponse()
-        body = resp.read()
+        return resp.status, resp.read()
     finally:
         conn.close()
-    assert resp.status == 404, body[:300]
-    assert json.loads(body)["type"] == "urn:apigw:problem:not-found"
 
 
 def test_regex_and_header_conditions(stack, live, key):

@@ -359,8 +359,6 @@ def load_keys(
     plan_info = {plan.pk: _plan_info(plan) for plan in plans}
     if plans_out is not None:
         plans_out.update(plan_info)
-    keys: dict[str, KeyEntry] = {}
-    shared: dict[int, tuple] = {}  # (limits, ip rules) per subscription: one object each
     columns = (
         "pk",
         "key_id",
@@ -373,24 +371,37 @@ def load_keys(
         "subscription__consumer__organization_id",
         "subscription__plan_id",
     )
-    for row in rows.values_list(*columns).iterator(chunk_size=5000):
-        pk, key_id, digest, expires, scopes, sub_id, status, consumer, org, plan_id = row
-        info = plan_info.get(plan_id)
-        if info is None:  # a plan created after the plans were read: the next delta has it
-            continue
-        keys[key_id] = _grant(
-            info,
-            pk=pk,
-            key_id=key_id,
-            digest=digest.encode(),
-            expires_at=expires.timestamp() if expires else None,
-            scopes=scopes,
-            sub_id=sub_id,
-            status=status,
-            consumer=consumer,
-            org=org,
-            shared=shared,
-        )
+    rows = rows.values_list(*columns).iterator(chunk_size=5000)
+    return _grant_rows(
+        ((pk, kid, digest.encode(), exp.timestamp() if exp else None, *rest)
+         for pk, kid, digest, exp, *rest in rows),
+        plan_info,
+    )  # fmt: skip
+
+
+def _grant_rows(rows, plans: dict[int, PlanInfo]) -> dict[str, KeyEntry]:
+    """Key entries from rows (pk, key_id, digest bytes, expires_at timestamp or None,
+    scopes, subscription id, its status, consumer, organization, plan id): read from the
+    database or from the on-disk cache. A key of a plan not in `plans` (created after the
+    plans were read) is left out: the next delta has it."""
+    keys: dict[str, KeyEntry] = {}
+    shared: dict[int, tuple] = {}  # (limits, ip rules) per subscription: one object each
+    for pk, key_id, digest, expires, scopes, sub_id, status, consumer, org, plan_id in rows:
+        info = plans.get(plan_id)
+        if info is not None:
+            keys[key_id] = _grant(
+                info,
+                pk=pk,
+                key_id=key_id,
+                digest=digest,
+                expires_at=expires,
+                scopes=scopes,
+                sub_id=sub_id,
+                status=status,
+                consumer=consumer,
+                org=org,
+                shared=shared,
+            )
     return keys
 
 
@@ -797,24 +808,7 @@ def read_cache(path: Path) -> tuple[ConfigSource, dict] | None:
         ]
     upstreams, purges = pickle.loads(pieces[0])  # noqa: S301
     apis = [pickle.loads(piece) for piece in pieces[1:]]  # noqa: S301
-    keys: dict[str, KeyEntry] = {}
-    shared: dict[int, tuple] = {}
-    for pk, key_id, digest, expires, scopes, sub_id, status, consumer, org, plan_id in key_rows:
-        info = plans.get(plan_id)
-        if info is not None:
-            keys[key_id] = _grant(
-                info,
-                pk=pk,
-                key_id=key_id,
-                digest=digest,
-                expires_at=expires,
-                scopes=scopes,
-                sub_id=sub_id,
-                status=status,
-                consumer=consumer,
-                org=org,
-                shared=shared,
-            )
+    keys = _grant_rows(key_rows, plans)
     identities: dict[str, list[KeyEntry]] = {}
     shared = {}
     for ext, sub_id, status, plan_id, consumer, org in identity_rows:
